@@ -1,0 +1,14 @@
+"""frod-kernels: fast FRoD fine-tuning (fused kernels for W' = U (diag(lambda) + S) V^T)."""
+
+from ._backends import available_backends, get_backend, set_backend, use_backend
+from .ops import frod_linear
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "available_backends",
+    "frod_linear",
+    "get_backend",
+    "set_backend",
+    "use_backend",
+]

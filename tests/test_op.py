@@ -1,0 +1,166 @@
+"""frod_linear (torch backend) against the independent float64 reference: outputs and all gradients."""
+
+import pytest
+import torch
+
+import frod_kernels as fk
+from frod_kernels import engine
+from frod_kernels.reference import TOLERANCE, reference_grads, rel_err
+from conftest import random_problem
+
+PATHS = ["sparse", "factored", "materialized"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def run(x, V, U, lam, s, si, b, grad_out, **kw):
+    leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (x, lam, s, b)]
+    xg, lg, sg, bg = leaves
+    y = fk.frod_linear(xg, V, U, lg, sg, si, bg, **kw)
+    y.backward(grad_out)
+    return y, xg.grad, lg.grad, sg.grad, (bg.grad if bg is not None else None)
+
+
+def check_against_reference(problem, dtype, **kw):
+    x, V, U, lam, s, si, b = problem
+    grad_out = torch.randn(*x.shape[:-1], U.shape[0], dtype=x.dtype)
+    got = run(x, V, U, lam, s, si, b, grad_out, **kw)
+    ref = reference_grads(x, V, U, lam, s, si, b, grad_out)
+    for name, g, r in zip(["y", "dx", "dlambda", "ds", "dbias"], got, ref):
+        if r is None:
+            continue
+        assert g.dtype == (x.dtype if name in ("y", "dx", "dbias") else lam.dtype), name
+        if r.numel() == 0:
+            assert g.shape == r.shape, name
+            continue
+        err = rel_err(g, r)
+        assert err <= TOLERANCE[dtype], f"{name}: relative error {err:.2e} > {TOLERANCE[dtype]:.0e} ({dtype})"
+
+
+@pytest.mark.parametrize("path", PATHS + [None])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matches_reference(path, dtype):
+    # float32 lambda/s_values with half-precision activations and weights is what PEFT's adapter autocast makes.
+    problem = random_problem(96, 80, 400, lead=(3, 11), dtype=dtype, param_dtype=torch.float32)
+    check_against_reference(problem, dtype, path=path)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("n_in,n_out,nnz,lead", [
+    (37, 53, 90, (5,)),      # odd sizes, in < out
+    (64, 17, 300, (1,)),     # one token, in > out
+    (29, 29, 0, (4, 3)),     # empty pattern
+    (41, 23, 60, (0,)),      # zero tokens
+    (33, 31, 20, (2, 0, 5)),  # zero tokens among several leading dims
+    (3, 2, 6, (4,)),         # every off-diagonal position
+])
+def test_odd_shapes(path, n_in, n_out, nnz, lead):
+    problem = random_problem(n_in, n_out, nnz, lead=lead, dtype=torch.float32)
+    check_against_reference(problem, torch.float32, path=path)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_gradcheck_float64(path):
+    x, V, U, lam, s, si, b = random_problem(23, 19, 70, lead=(2, 3), dtype=torch.float64)
+    inputs = [t.requires_grad_(True) for t in (x, lam, s, b)]
+    assert torch.autograd.gradcheck(lambda x, l, s_, b_: fk.frod_linear(x, V, U, l, s_, si, b_, path=path), inputs)
+
+
+def test_no_bias_and_partial_grads():
+    x, V, U, lam, s, si, _ = random_problem(40, 24, 100, lead=(9,), dtype=torch.float64)
+    s.requires_grad_(True)  # only s_values trains; x and lambda_l stay frozen
+    y = fk.frod_linear(x, V, U, lam, s, si)
+    y.sum().backward()
+    ref = reference_grads(x, V, U, lam, s, si, None, torch.ones_like(y))
+    assert rel_err(s.grad, ref[3]) < 1e-10
+    assert x.grad is None and lam.grad is None
+
+
+def test_int32_indices_and_noncontiguous_x():
+    x, V, U, lam, s, si, b = random_problem(48, 32, 150, lead=(6, 10), dtype=torch.float32)
+    xt = x.transpose(0, 1).contiguous().transpose(0, 1)  # same values, strided
+    assert not xt.is_contiguous()
+    y = fk.frod_linear(xt, V, U, lam, s, si.int(), b)
+    ref = reference_grads(x, V, U, lam, s, si, b, torch.ones(6, 10, 32))[0]
+    assert rel_err(y, ref) <= TOLERANCE[torch.float32]
+
+
+def test_cost_model_picks_by_shape():
+    # few tokens: the sparse apply; many tokens (several times in): materialize W'
+    assert engine.choose_path(8, 1024, 1024, 10485, "cpu", True) == engine.SPARSE
+    assert engine.choose_path(16384, 1024, 1024, 10485, "cpu", True) == engine.MATERIALIZED
+    costs = engine.path_costs(2048, 1024, 1024, 10485, "cpu", True)
+    assert set(costs) == {engine.SPARSE, engine.FACTORED, engine.MATERIALIZED}
+
+
+def test_rewritten_pattern_is_not_served_from_cache():
+    from conftest import random_pattern
+
+    x, V, U, lam, s, si, b = random_problem(30, 20, 50, dtype=torch.float64)
+    fk.frod_linear(x, V, U, lam, s, si, b)  # caches the layout of si
+    si.copy_(random_pattern(30, 50, torch.Generator().manual_seed(1)))  # same tensor object, new contents
+    ref = reference_grads(x, V, U, lam, s, si, b, torch.ones(7, 20, dtype=torch.float64))[0]
+    assert rel_err(fk.frod_linear(x, V, U, lam, s, si, b), ref) < 1e-10
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(V=torch.randn(8, 9)), "V"),
+    (dict(U=torch.randn(5, 7)), "U"),
+    (dict(lambda_l=torch.randn(7)), "lambda_l"),
+    (dict(s_values=torch.randn(3)), "s_values"),
+    (dict(x=torch.randn(4, 7)), "x"),
+    (dict(bias=torch.randn(4)), "bias"),
+    (dict(s_indices=torch.tensor([[0, 1], [0, 2]])), "s_indices"),   # diagonal entry
+    (dict(s_indices=torch.tensor([[0, 0], [2, 2]])), "s_indices"),   # duplicate
+    (dict(s_indices=torch.tensor([[0, 9], [2, 1]])), "s_indices"),   # out of range
+])
+def test_bad_input_names_the_argument(bad, match):
+    args = dict(x=torch.randn(4, 8), V=torch.randn(8, 8), U=torch.randn(5, 8), lambda_l=torch.randn(8),
+                s_values=torch.randn(2), s_indices=torch.tensor([[0, 1], [2, 3]]), bias=torch.randn(5))
+    args.update(bad)
+    with pytest.raises((ValueError, TypeError), match=match):
+        fk.frod_linear(**args)
+
+
+def test_bad_dtypes_and_backend_names():
+    x, V, U, lam, s, si, b = random_problem(8, 5, 4)
+    with pytest.raises(TypeError, match="s_indices"):
+        fk.frod_linear(x, V, U, lam, s, si.float(), b)
+    with pytest.raises(TypeError, match="x"):
+        fk.frod_linear(x.int(), V, U, lam, s, si, b)
+    with pytest.raises(ValueError, match="backend"):
+        fk.set_backend("tpu")
+    with pytest.raises(ValueError, match="path"):
+        fk.frod_linear(x, V, U, lam, s, si, b, path="dense")
+    with pytest.raises(ValueError, match="V"):
+        fk.frod_linear(x, V.requires_grad_(True), U, lam, s, si, b)
+
+
+def test_backend_selection_and_reasons():
+    avail = fk.available_backends()
+    assert avail["torch"]["cpu"] is None
+    for name in ("triton", "cuda"):
+        for dev, reason in avail[name].items():
+            assert reason is None or isinstance(reason, str) and reason
+    with fk.use_backend("torch"):
+        assert fk.get_backend() == "torch"
+    if avail["cuda"]["cpu"] is not None:
+        x, V, U, lam, s, si, b = random_problem(8, 5, 4)
+        with fk.use_backend("cuda"), pytest.raises(RuntimeError, match="cuda"):
+            fk.frod_linear(x, V, U, lam, s, si, b)
+
+
+def test_ops_pass_opcheck():
+    # schema, fake (meta) implementation and autograd registration agree with the real kernels
+    from frod_kernels.layout import build_layout
+
+    x, V, U, lam, s, si, b = random_problem(16, 12, 30, lead=(5,), dtype=torch.float64)
+    lay = build_layout(si, 16)
+    w = s[lay.col_perm]
+    torch.library.opcheck(torch.ops.frod.row_gather_diag.default, (U.t(), lam, w, lay.col_ptr, lay.col_src))
+    torch.library.opcheck(torch.ops.frod.sampled_dot_diag.default,
+                          (torch.randn(16, 5, dtype=torch.float64), torch.randn(16, 5, dtype=torch.float64),
+                           lay.row_ptr, lay.row_src))
+    for path in (engine.SPARSE, engine.FACTORED, engine.MATERIALIZED):
+        args = (x, V, U, lam.requires_grad_(True), s.requires_grad_(True), si, lay.packed, b, path, False)
+        torch.library.opcheck(torch.ops.frod.frod_linear_fwd.default, args,
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
