@@ -1,9 +1,16 @@
 import os
 
-import pytest
 import torch
 
-from frod_kernels.reference import TOLERANCE
+# Triton fixes at its own import whether its jit functions run interpreted, and importing peft or transformers
+# imports triton: switch the interpreter on before anything can, so the Triton kernels run on the CPU. "auto" never
+# picks Triton on the CPU, so the rest of the suite still runs on the torch backend.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from frod_kernels.reference import TOLERANCE  # noqa: E402
 
 
 def random_pattern(n: int, nnz: int, generator: torch.Generator) -> torch.Tensor:

@@ -1,0 +1,45 @@
+"""Helpers shared by the Triton kernel modules: interpreter detection, autotuning setup, accumulator dtypes."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+try:
+    from triton import knobs as _knobs
+
+    def interpreting() -> bool:
+        return bool(_knobs.runtime.interpret)
+except ImportError:  # triton < 3.4 has no knobs module; it reads the variable directly
+    import os
+
+    def interpreting() -> bool:
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Read once, when the kernel modules are first imported: @triton.jit decides then whether a kernel is compiled or
+# interpreted, so every launch decision below must agree with that moment.
+INTERPRET = interpreting()
+
+
+def autotune(gpu_configs: list[triton.Config], interp_config: triton.Config, key: list[str], prune=None):
+    """``triton.autotune`` over ``gpu_configs``, or the one fixed ``interp_config`` under the interpreter.
+
+    With one config Triton's autotuner launches it directly without benchmarking, which the interpreter (slow, and
+    timing a CPU emulation says nothing about a GPU) needs. Results are cached per key for the process.
+    """
+    if INTERPRET:
+        return triton.autotune(configs=[interp_config], key=key)
+    return triton.autotune(configs=gpu_configs, key=key,
+                           prune_configs_by={"early_config_prune": prune} if prune else None)
+
+
+def acc_dtype(dtype: torch.dtype):
+    """The accumulator of the kernels: float64 for float64 data, float32 otherwise (as the torch twins)."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def bucket(x: int) -> int:
+    """Autotune key of a size: its power of two, so that each size class tunes once (token counts vary per step)."""
+    return triton.next_power_of_2(max(int(x), 1))
