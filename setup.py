@@ -2,14 +2,53 @@
 build of torch are both present (or FROD_BUILD_CUDA=1 forces it, FROD_BUILD_CUDA=0 skips it)."""
 
 import os
+import re
+import sys
 
 from setuptools import find_packages, setup
 
 
 def cuda_extensions():
-    """The csrc/ extension, or [] (with the reason on stderr) where it cannot be built here."""
-    # Filled in by the CUDA C++ backend (csrc/): see frod_kernels/cuda_backend.py for how it is loaded.
-    return [], {}
+    """The csrc/ extension, or [] (with the reason on stderr) where it cannot be built here.
+
+    Built when torch is a CUDA build and a CUDA toolkit is found (CUDA_HOME, else torch's guess from nvcc), for the
+    GPUs in TORCH_CUDA_ARCH_LIST (default "8.0;9.0"). torch must be importable at build time, so build it with
+    ``pip install --no-build-isolation -e .``. See csrc/README.md.
+    """
+    flag = os.environ.get("FROD_BUILD_CUDA")
+
+    def skip(reason):
+        print(f"frod-kernels: not building the CUDA C++ extension: {reason}", file=sys.stderr)
+        return [], {}
+
+    if flag == "0":
+        return skip("FROD_BUILD_CUDA=0")
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError as e:
+        if flag == "1":
+            raise
+        return skip(f"torch is not importable here ({e}); use pip install --no-build-isolation")
+    if flag != "1":
+        if torch.version.cuda is None:
+            return skip(f"torch {torch.__version__} is not a CUDA build")
+        if CUDA_HOME is None:
+            return skip("no CUDA toolkit found (set CUDA_HOME)")
+        if not os.path.exists(os.path.join(CUDA_HOME, "include", "cuda_runtime.h")):
+            return skip(f"CUDA_HOME={CUDA_HOME} has no include/cuda_runtime.h (set CUDA_HOME to the toolkit folder)")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    # frod_kernels/cuda_backend.py reads this tag from the binary and refuses a build for another torch.
+    torch_tag = re.sub(r"[^A-Za-z0-9._]", "_", torch.__version__)
+    ext = CUDAExtension(
+        name="frod_kernels._C",
+        sources=["csrc/ops.cpp", "csrc/row_gather_diag.cu", "csrc/sampled_dot_diag.cu"],
+        extra_compile_args={
+            "cxx": ["-O3", f"-DFROD_TORCH_VERSION={torch_tag}"],
+            "nvcc": ["-O3", "-lineinfo"],
+        },
+    )
+    return [ext], {"build_ext": BuildExtension}
 
 
 ext_modules, cmdclass = cuda_extensions()
