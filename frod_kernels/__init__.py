@@ -1,14 +1,18 @@
 """frod-kernels: fast FRoD fine-tuning (fused kernels for W' = U (diag(lambda) + S) V^T)."""
 
 from ._backends import available_backends, get_backend, set_backend, use_backend
+from .layer import FrodBasis, FrodLinear, replace_linears
 from .ops import frod_linear
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FrodBasis",
+    "FrodLinear",
     "available_backends",
     "frod_linear",
     "get_backend",
+    "replace_linears",
     "set_backend",
     "use_backend",
 ]

@@ -1,6 +1,28 @@
-"""Input checks for the public entry points: every error names the argument, what it got and what was expected."""
+"""Input checks for the public entry points: every error names the argument, what it got and what was expected.
+
+Shape, dtype, device and pattern checks always run (host-side metadata, plus one pass over the pattern when its
+layout is first built). Non-finite checks read tensor data, which on a GPU costs a device sync per checked
+tensor, so they have a switch, :func:`set_checks` / :func:`checks` (or ``FROD_CHECK_FINITE=auto|1|0``):
+
+* ``"auto"`` (default): only what costs no per-step sync. The frozen ``V`` and ``U`` are checked once per tensor
+  version on any device (one sync per layer per process on a GPU, then never again); the trainable ``lambda_l``,
+  ``s_values`` and ``bias`` (``in + nnz + out`` elements, noise next to any matmul) are checked on every call
+  when they live on the CPU, where reading them needs no sync. ``FrodLinear.from_linear`` and
+  ``replace_linears`` check the base weights once when they build the projections.
+* ``True``: every tensor input, ``x`` included, on every call and every device (a sync per call on a GPU): for
+  hunting where a NaN enters.
+* ``False``: none (shape and pattern checks still run).
+
+Checks are skipped while ``torch.compile`` traces (a data-dependent branch would break the graph) and while a CUDA
+graph is being captured (a sync is illegal there).
+"""
 
 from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from typing import Iterator, Union
 
 import torch
 
@@ -10,13 +32,15 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def check_tensor(name: str, t, *, dim: int | None = None, dtypes=FLOAT_DTYPES) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name}: expected a dense (strided) tensor, got layout {t.layout}")
     if dtypes is not None and t.dtype not in dtypes:
         raise TypeError(f"{name}: expected dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
     if dim is not None and t.dim() != dim:
         raise ValueError(f"{name}: expected a {dim}-D tensor, got shape {tuple(t.shape)}")
 
 
-def check_frod_args(x, V, U, lambda_l, s_values, s_indices, bias) -> None:
+def check_frod_args(x, V, U, lambda_l, s_values, s_indices, bias, layout=None) -> None:
     check_tensor("x", x)
     if x.dim() < 1:
         raise ValueError(f"x: expected shape (..., in_features), got a 0-D tensor")
@@ -53,3 +77,150 @@ def check_frod_args(x, V, U, lambda_l, s_values, s_indices, bias) -> None:
         if t.requires_grad and torch.is_grad_enabled():
             raise ValueError(f"{name}: must not require grad (FRoD keeps the basis and projection frozen); "
                              f"call {name}.requires_grad_(False)")
+    if layout is not None:
+        check_layout(layout, n, s_values.shape[0], x.device)
+    check_finite_inputs(x, V, U, lambda_l, s_values, bias)
+
+
+def check_layout(layout, n: int, nnz: int, device: torch.device) -> None:
+    """A packed layout passed by the caller must at least be the layout of an (n, nnz) pattern on x's device."""
+    from .layout import packed_size  # layout imports nothing from here; imported late to keep it that way
+
+    check_tensor("layout", layout, dim=1, dtypes=(torch.int64,))
+    want = packed_size(n, nnz)
+    if layout.shape[0] != want:
+        raise ValueError(f"layout: expected the packed layout of a pattern with in_features={n} and nnz={nnz} "
+                         f"({want} int64 entries, frod_kernels.layout.build_layout(s_indices, {n}).packed), "
+                         f"got {layout.shape[0]} entries")
+    if layout.device != device:
+        raise ValueError(f"layout: expected device {device} (the device of x), got {layout.device}")
+
+
+# ---- non-finite checks ------------------------------------------------------------------------------------------
+
+_ENV_VALUES = {"auto": "auto", "1": True, "true": True, "on": True, "0": False, "false": False, "off": False}
+
+
+def _finite_from_env() -> Union[str, bool]:
+    raw = os.environ.get("FROD_CHECK_FINITE", "auto")
+    try:
+        return _ENV_VALUES[raw.strip().lower()]
+    except KeyError:
+        raise ValueError(f"FROD_CHECK_FINITE: expected one of {sorted(_ENV_VALUES)}, got {raw!r}") from None
+
+
+_global_finite: Union[str, bool] = _finite_from_env()
+_local = threading.local()
+_UNSET = object()
+
+
+def _check_finite_mode(finite) -> Union[str, bool]:
+    # identity, not equality: 1 == True and 0 == False, and a typo'd int should not pass as a bool
+    if not (finite is True or finite is False or (isinstance(finite, str) and finite == "auto")):
+        raise ValueError(f"finite: expected 'auto', True or False, got {finite!r}")
+    return finite
+
+
+def get_checks() -> dict:
+    """The current check settings, e.g. ``{"finite": "auto"}``."""
+    return {"finite": getattr(_local, "finite", _global_finite)}
+
+
+def set_checks(*, finite: Union[str, bool]) -> None:
+    """Set the non-finite checks for all later calls: ``"auto"`` (default), ``True`` or ``False`` (see module doc)."""
+    global _global_finite
+    _global_finite = _check_finite_mode(finite)
+
+
+@contextlib.contextmanager
+def checks(*, finite: Union[str, bool]) -> Iterator[None]:
+    """Context manager form of :func:`set_checks`, local to the current thread."""
+    mode = _check_finite_mode(finite)
+    prev = _local.__dict__.get("finite", _UNSET)
+    _local.finite = mode
+    try:
+        yield
+    finally:
+        if prev is _UNSET:
+            del _local.finite
+        else:
+            _local.finite = prev
+
+
+def finite_mode() -> Union[str, bool]:
+    return get_checks()["finite"]
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    """Raise ValueError naming ``name`` if ``t`` holds a NaN or an infinity (reads ``t``: a sync on a GPU)."""
+    bad = ~torch.isfinite(t.detach())
+    if bool(bad.any()):
+        count = int(bad.sum())
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{name}: expected finite values, got {count} NaN/inf of {t.numel()} (first at index "
+                         f"{first}, value {t.detach()[first].item()}); frod_kernels.set_checks(finite=False) "
+                         f"turns this check off")
+
+
+def _checkable(t: torch.Tensor) -> bool:
+    return t.device.type != "meta" and t.numel() > 0
+
+
+def _check_once(name: str, t: torch.Tensor) -> None:
+    # Frozen tensors: checked once per version. In-place writes bump _version; inference tensors carry no version
+    # counter (and cannot be written outside inference mode), so they are checked when first seen and marked.
+    version = None if t.is_inference() else t._version
+    if getattr(t, "_frod_finite_version", "unchecked") == version:
+        return
+    check_finite(name, t)
+    t._frod_finite_version = version
+
+
+def check_finite_inputs(x, V, U, lambda_l, s_values, bias) -> None:
+    mode = finite_mode()
+    if mode is False or torch.compiler.is_compiling():
+        return
+    if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return
+    trainable = [("lambda_l", lambda_l), ("s_values", s_values)] + ([("bias", bias)] if bias is not None else [])
+    if mode is True:
+        for name, t in [("x", x), ("V", V), ("U", U)] + trainable:
+            if _checkable(t):
+                check_finite(name, t)
+        return
+    for name, t in (("V", V), ("U", U)):
+        if _checkable(t):
+            _check_once(name, t)
+    for name, t in trainable:
+        if _checkable(t) and t.device.type == "cpu":
+            check_finite(name, t)
+
+
+# ---- options of FrodLinear.from_linear / replace_linears --------------------------------------------------------
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_layer_options(*, sparse_rate, seed, dropout, adapter_dtype, regularization_alpha) -> None:
+    """The scalar options shared by ``FrodLinear.from_linear`` and ``replace_linears``."""
+    if not _is_real(sparse_rate) or not 0.0 <= sparse_rate <= 1.0:
+        raise ValueError(f"sparse_rate: expected a fraction in [0, 1] (of the in x in positions that train), "
+                         f"got {sparse_rate!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"seed: expected an int (PEFT's projection_prng_key), got {type(seed).__name__} {seed!r}")
+    if not _is_real(dropout) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
+    if adapter_dtype is not None and (not isinstance(adapter_dtype, torch.dtype) or adapter_dtype not in FLOAT_DTYPES):
+        raise TypeError(f"adapter_dtype: expected None or one of {[str(d) for d in FLOAT_DTYPES]}, "
+                        f"got {adapter_dtype!r}")
+    if not _is_real(regularization_alpha) or not regularization_alpha >= 0 or regularization_alpha == float("inf"):
+        raise ValueError(f"regularization_alpha: expected a finite number >= 0, got {regularization_alpha!r}")
+
+
+def check_base_weight(name: str, weight: torch.Tensor) -> None:
+    """A base weight the projections are computed from: floating point, and finite unless checks are off (a NaN
+    there makes V, U and lambda_l NaN for the whole category). Runs once, when the layers are built."""
+    check_tensor(name, weight, dim=2)
+    if finite_mode() is not False and _checkable(weight):
+        check_finite(name, weight)

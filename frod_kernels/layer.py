@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import projections
-from .layout import build_layout
+from ._validation import check_base_weight, check_finite, check_layer_options, check_tensor, finite_mode
+from .layout import build_layout, check_pattern
 from .ops import frod_linear
 
 try:  # GPT-2 style layers store their weight as (in, out)
@@ -33,7 +34,9 @@ class FrodBasis(nn.Module):
         super().__init__()
         if V.dim() != 2 or V.shape[0] != V.shape[1]:
             raise ValueError(f"V: expected a square (in, in) basis, got shape {tuple(V.shape)}")
-        self.V = nn.Parameter(V, requires_grad=False)
+        # contiguous: FSDP2 (fully_shard) shards only contiguous parameters, and a decomposition often yields a
+        # transposed view
+        self.V = nn.Parameter(V.contiguous(), requires_grad=False)
         self.register_buffer("s_indices", s_indices.to(device=V.device, dtype=torch.long))
         self.register_buffer("layout", build_layout(self.s_indices, V.shape[0]).packed, persistent=False)
         self.register_load_state_dict_post_hook(FrodBasis._rebuild_layout)
@@ -82,7 +85,7 @@ class FrodLinear(nn.Module):
         self.in_features, self.out_features = n_in, U.shape[0]
         self.fan_in_fan_out = fan_in_fan_out
         self.basis = basis
-        self.U = nn.Parameter(U, requires_grad=False)
+        self.U = nn.Parameter(U.contiguous(), requires_grad=False)  # contiguous for FSDP2, as V
         self.lambda_l = nn.Parameter(lambda_l)
         if s_values is None:
             s_values = torch.zeros(basis.nnz, dtype=lambda_l.dtype, device=lambda_l.device)
@@ -128,10 +131,20 @@ class FrodLinear(nn.Module):
                 ``None`` keeps the base weight's dtype.
         """
         weight = _weight_out_in(linear)
+        check_layer_options(sparse_rate=sparse_rate, seed=seed, dropout=dropout, adapter_dtype=adapter_dtype,
+                            regularization_alpha=regularization_alpha)
+        check_base_weight("linear.weight", weight)
         fan_in_fan_out = Conv1D is not None and isinstance(linear, Conv1D)
         if isinstance(V, FrodBasis):
             basis = V
         else:
+            if V is not None:
+                check_tensor("V", V, dim=2)
+                if finite_mode() is not False:
+                    check_finite("V", V)
+            if s_indices is not None:
+                # before FrodBasis casts it to int64, which would truncate float indices silently
+                check_pattern(s_indices, weight.shape[1])
             if V is None:
                 V = projections.basis_from_weights([weight.detach().float().cpu()], regularization_alpha)
             if s_indices is None:
@@ -220,8 +233,17 @@ def replace_linears(
     :class:`FrodBasis` per category is shared by its layers. Freezes nothing else: freeze the base model's
     parameters yourself (``model.requires_grad_(False)`` before calling) if only FRoD should train.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if isinstance(target_modules, str) is False and not isinstance(target_modules, Iterable):
         raise TypeError(f"target_modules: expected a regex string or a list of names, got {type(target_modules).__name__}")
+    if not isinstance(target_modules, str):
+        target_modules = list(target_modules)
+        odd = [t for t in target_modules if not isinstance(t, str)]
+        if odd:
+            raise TypeError(f"target_modules: expected module names (str), got {odd!r}")
+    check_layer_options(sparse_rate=sparse_rate, seed=seed, dropout=dropout, adapter_dtype=adapter_dtype,
+                        regularization_alpha=regularization_alpha)
     modules = dict(model.named_modules())
     targets = {k: m for k, m in modules.items() if k and _matches(k, target_modules)}
     unsupported = [f"{k} ({type(m).__name__})" for k, m in targets.items()
@@ -233,6 +255,8 @@ def replace_linears(
     if not targets:
         raise ValueError(f"target_modules: {target_modules!r} matched no nn.Linear or Conv1D module of the model")
     weights = {k: _weight_out_in(m) for k, m in targets.items()}
+    for k, w in weights.items():
+        check_base_weight(f"{k}.weight", w)
     projs = projections.build_projections(
         weights, sparse_rate=sparse_rate, projection_prng_key=seed, regularization_alpha=regularization_alpha,
         progressbar=progressbar, with_layers=True)

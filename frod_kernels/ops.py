@@ -148,6 +148,43 @@ def _backward(ctx, gy, _gsaved):
 frod_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+# torch.autocast follows PyTorch's rule for linear layers: the activations and the frozen V, U (and bias) are cast
+# to the autocast dtype, as F.linear casts its input, weight and bias. lambda_l and s_values keep their own dtype
+# (float32 under PEFT's adapter autocast, like an optimizer's master weights): the kernels accumulate in float32
+# anyway, so keeping them costs nothing and their gradients are never rounded to half precision. (The stock
+# torch.library.register_autocast cannot express this: it casts every floating input to one fixed dtype.)
+# Every FRoD op then runs with autocast off, including the backward and the two families when backward is
+# called inside an autocast region: the kernels choose their own precision, and the torch backend's CSR kernels
+# take no half-precision operands that autocast's matmul rule would hand them.
+_AUTOCAST_CAST_ARGS = {"frod_linear_fwd": (0, 1, 2, 7), "frod_linear_bwd": (), "row_gather_diag": (),
+                       "sampled_dot_diag": ()}
+_autocast_lib = torch.library.Library("frod", "FRAGMENT")
+
+
+def _autocast_kernel(op, device_type: str, cast_args: tuple[int, ...]):
+    key = getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(device_type))
+    keyset = torch._C.DispatchKeySet(key)
+
+    def kernel(_keyset, *args):
+        if cast_args:
+            dtype = torch.get_autocast_dtype(device_type)
+            # autocast's eligibility rule: floating tensors on this device type, never float64
+            args = tuple(
+                a.to(dtype) if i in cast_args and isinstance(a, Tensor) and a.is_floating_point()
+                and a.device.type == device_type and a.dtype != torch.float64 else a
+                for i, a in enumerate(args))
+        with torch._C._ExcludeDispatchKeyGuard(keyset):
+            return op(*args)
+
+    return kernel
+
+
+for _name, _cast_args in _AUTOCAST_CAST_ARGS.items():
+    for _device_type in ("cpu", "cuda"):
+        _autocast_lib.impl(_name, _autocast_kernel(getattr(torch.ops.frod, _name).default, _device_type, _cast_args),
+                           "Autocast" + torch._C._dispatch_key_for_device(_device_type), with_keyset=True)
+
+
 def frod_linear(
     x: Tensor,
     V: Tensor,
@@ -183,7 +220,7 @@ def frod_linear(
     Gradients flow to ``x``, ``lambda_l``, ``s_values`` and ``bias`` (first order). ``V`` and ``U`` must not
     require grad.
     """
-    check_frod_args(x, V, U, lambda_l, s_values, s_indices, bias)
+    check_frod_args(x, V, U, lambda_l, s_values, s_indices, bias, layout)
     n_in, n_out = V.shape[0], U.shape[0]
     lead = x.shape[:-1]
     x2 = x.reshape(-1, n_in)

@@ -1,0 +1,330 @@
+"""FRoD's projections (V per category, U and lambda_l per layer, the sparse pattern), the same tensors as PEFT's.
+
+PEFT 0.21 builds them in ``FrodModel._init_frod_projections`` (V and the pattern) and
+``FrodLayer._calculate_frod_u_and_lambda`` (U, lambda_l); DESIGN.md section 1 describes the construction.
+
+What is the same and what is faster here:
+
+- V: the same torch ops, in the same order, on the same float32 inputs as PEFT's ``_projection_from_weights``, so
+  in the same process (same BLAS/LAPACK, same thread count) V is bitwise PEFT's. It is not made faster, though
+  it is most of the time (about 80% on the CPU: the QR of the stacked weights, one n x n inverse per layer, the
+  eigh): V is an eigenvector basis of an ill-conditioned matrix, so any other route (another factorization,
+  float64, another thread count) can move its columns well beyond rounding (sign flips, rotations inside
+  near-equal eigenvalues), and a checkpoint saved with ``save_projection=False`` regenerates V on load. PEFT's own
+  V differs between thread counts and machines for the same reason (MKL's QR, inverse and eigh are not bitwise
+  reproducible across thread counts: on a 16-layer width-1024 Llama, 1 vs 2 threads gives a V 11-15% apart,
+  with flipped columns), so such a checkpoint is only reproducible on the same BLAS with the same threads.
+- Pattern: the same ``randperm`` draw from the same generator, but the chosen positions are mapped
+  arithmetically to (row, col) instead of indexing a materialized grid of all n*n positions (O(nnz) memory instead
+  of O(n^2)).
+- U, lambda_l: PEFT solves ``V B^T = W^T`` in float64 once per layer, each time re-factorizing the same V. Here V
+  is LU-factorized once per category (the same LAPACK getrf PEFT's solve calls) and each layer is one
+  triangular solve against that factorization, in float64, one layer at a time (memory stays one layer's
+  float64 copy). The float64 result equals PEFT's to float64 rounding (forward error about cond(V) * 1e-16,
+  far below float32 rounding), so after the cast to float32 U and lambda_l equal PEFT's to the last bit or one.
+- GPU route (``device="cuda"``): the decompositions run on the GPU in float64. cuSOLVER's QR and eigh are not
+  LAPACK's, so its V can differ from PEFT's beyond rounding (eigenvector signs, near-equal eigenvalues): use it
+  only where the projections are saved in the checkpoint (PEFT's ``save_projection=True``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+__all__ = [
+    "CategoryProjection",
+    "basis_from_weights",
+    "build_projections",
+    "category_from_key",
+    "layer_index_from_key",
+    "sparse_pattern",
+    "u_and_lambda",
+]
+
+
+def category_from_key(key: str) -> str:
+    """PEFT's ``_category_from_key``: the projection-sharing role of a dotted module key.
+
+    ``model.layers.3.self_attn.q_proj`` -> ``self_attn_q_proj``; ``h.0.attn.c_attn`` -> ``attn_c_attn``;
+    ``...layers.0.2`` style keys (second-to-last part a digit) -> the last part; BERT's
+    ``attention.output.dense`` -> ``attention_output``.
+    """
+    parts = key.split(".")
+    if len(parts) == 1:
+        return parts[0]
+    if parts[-2].isdigit():
+        return parts[-1]
+    category = f"{parts[-2]}_{parts[-1]}"
+    if category == "output_dense" and len(parts) >= 3 and parts[-3] == "attention":
+        return "attention_output"
+    return category
+
+
+def layer_index_from_key(key: str, fallback: int) -> int:
+    """PEFT's ``_layer_index_from_key``: the integer after a ``layers`` part, else the first integer part, else
+    ``fallback``."""
+    parts = key.split(".")
+    if "layers" in parts:
+        try:
+            return int(parts[parts.index("layers") + 1])
+        except (ValueError, IndexError):
+            pass
+    for part in parts:
+        if part.isdigit():
+            return int(part)
+    return fallback
+
+
+def basis_from_weights(weights: Sequence[Tensor], regularization_alpha: float = 1e-3) -> Tensor:
+    """V (in x in, float32, CPU) as PEFT's ``_projection_from_weights`` computes it from the float32 CPU copies of
+    the layers' weights (each out x in), in the order given.
+
+    The float32 ops are PEFT's own, in its order, so the result is bitwise PEFT's under the same BLAS threads.
+    """
+    if len(weights) == 0:
+        raise ValueError("weights: expected at least one (out, in) weight, got an empty sequence")
+    matrices = [w.detach().to(torch.float32).cpu() for w in weights]
+    in_features = {m.shape[1] for m in matrices}
+    if any(m.dim() != 2 for m in matrices) or len(in_features) != 1:
+        raise ValueError(f"weights: expected 2-D (out, in) weights with one in_features, got shapes "
+                         f"{[tuple(m.shape) for m in matrices]}")
+    stacked = torch.cat(matrices, dim=0)
+    del matrices  # the float32 copies of non-float32 weights: only the stacked one is needed from here
+    if stacked.shape[0] < stacked.shape[1]:
+        _, _, vh = torch.linalg.svd(stacked, full_matrices=True)
+        return vh.T
+
+    rows = [w.shape[0] for w in weights]
+    q_matrix, r_matrix = torch.linalg.qr(stacked)
+    del stacked
+    dim = r_matrix.shape[1]
+    t_pi = torch.zeros((dim, dim), dtype=r_matrix.dtype)
+    start = 0
+    for n_rows in rows:
+        q_slice = q_matrix[start:start + n_rows, :]
+        start += n_rows
+        q_term = q_slice.T @ q_slice + regularization_alpha * torch.eye(dim, dtype=r_matrix.dtype)
+        t_pi += torch.linalg.inv(q_term)
+    del q_matrix
+    t_pi /= len(rows)
+    _, eigenvectors = torch.linalg.eigh(t_pi)
+    return r_matrix.T @ eigenvectors
+
+
+def _normalize_columns(bi: Tensor) -> tuple[Tensor, Tensor]:
+    """PEFT's ``U = B / lambda_l`` (columns with lambda_l <= 1e-12 zero), in float64, then float32. Each element is
+    the same float64 division as PEFT's masked copy, done in place on ``bi`` (no zeros_like, no masked copies)."""
+    lambda_l = torch.linalg.norm(bi, dim=0)
+    nonzero = lambda_l > 1e-12
+    bi.div_(torch.where(nonzero, lambda_l, torch.ones_like(lambda_l)))
+    bi[:, ~nonzero] = 0
+    return bi.float().contiguous(), lambda_l.float()
+
+
+def u_and_lambda(V: Tensor, W: Tensor) -> tuple[Tensor, Tensor]:
+    """(U float32 (out, in), lambda_l float32 (in,)) as PEFT's ``Linear._calculate_frod_u_and_lambda``:
+    ``B = solve(V, W^T)^T`` in float64 (pinv fallback for a singular V), ``lambda_l`` its column norms,
+    ``U = B / lambda_l`` (columns with ``lambda_l <= 1e-12`` stay zero). ``W`` is (out, in), nn.Linear orientation."""
+    if V.dim() != 2 or V.shape[0] != V.shape[1]:
+        raise ValueError(f"V: expected a square (in, in) basis, got shape {tuple(V.shape)}")
+    if W.dim() != 2 or W.shape[1] != V.shape[0]:
+        raise ValueError(f"W: expected shape (out, {V.shape[0]}) (in_features from V), got {tuple(W.shape)}")
+    w = W.detach().to(torch.float64).cpu()
+    v = V.detach().to(torch.float64).cpu()
+    try:
+        bi = torch.linalg.solve(v, w.T).T
+    except RuntimeError:
+        bi = w @ torch.linalg.pinv(v, rtol=1e-6).T
+    return _normalize_columns(bi)
+
+
+class _Solver:
+    """Solves ``V B^T = W^T`` for many W with one factorization of V (PEFT factorizes V once per layer)."""
+
+    def __init__(self, V: Tensor, device: torch.device):
+        self.device = device
+        v = V.detach().to(device=device, dtype=torch.float64)
+        self.lu, self.pivots, info = torch.linalg.lu_factor_ex(v)
+        # PEFT's solve raises on a singular V and falls back to pinv; lu_factor's info flags the same case.
+        self.pinv_t = torch.linalg.pinv(v, rtol=1e-6).T if int(info) != 0 else None
+
+    def __call__(self, W: Tensor) -> tuple[Tensor, Tensor]:
+        w = W.detach().to(device=self.device, dtype=torch.float64)
+        if self.pinv_t is not None:
+            bi = w @ self.pinv_t
+        else:
+            bi = torch.linalg.lu_solve(self.lu, self.pivots, w.T).T
+        u, lam = _normalize_columns(bi)
+        return u.cpu(), lam.cpu()
+
+
+def _pattern_size(n: int, sparse_rate: float) -> int:
+    n_off = n * (n - 1)
+    nnz = min(int(n * n * sparse_rate), n_off)
+    if sparse_rate > 0 and n_off > 0:
+        nnz = max(1, nnz)
+    return nnz
+
+
+def sparse_pattern(n: int, sparse_rate: float, generator: torch.Generator) -> Tensor:
+    """PEFT's pattern of an n x n S: int64 (2, nnz), rows then columns, unsorted, drawn from ``generator`` exactly
+    as PEFT draws it (one ``randperm`` of the n*(n-1) off-diagonal positions when nnz > 0, nothing otherwise).
+
+    PEFT indexes a materialized row-major list of the off-diagonal positions with the permutation; position p of
+    that list is row ``p // (n-1)``, column ``c + (c >= row)`` with ``c = p % (n-1)`` (the diagonal skipped).
+    """
+    if not 0.0 <= sparse_rate <= 1.0:
+        raise ValueError(f"sparse_rate: expected a fraction in [0, 1], got {sparse_rate}")
+    if n < 0:
+        raise ValueError(f"n: expected a non-negative size, got {n}")
+    nnz = _pattern_size(n, sparse_rate)
+    if nnz == 0:
+        return torch.empty(2, 0, dtype=torch.long)
+    perm = torch.randperm(n * (n - 1), generator=generator)[:nnz]
+    rows = torch.div(perm, n - 1, rounding_mode="floor")
+    cols = perm - rows * (n - 1)
+    cols += (cols >= rows).long()
+    return torch.stack([rows, cols])
+
+
+@dataclass
+class CategoryProjection:
+    """The projections of one category: its shared V and pattern, and each layer's U and lambda_l."""
+
+    name: str
+    V: Tensor  # float32, CPU, (in, in)
+    s_indices: Tensor  # int64 (2, nnz)
+    keys: list[str]  # module keys of the category, in layer-index order
+    U: dict[str, Tensor] = field(default_factory=dict)  # per key, float32 (out, in); empty if with_layers=False
+    lambda_l: dict[str, Tensor] = field(default_factory=dict)  # per key, float32 (in,)
+
+
+def _group(weights: Mapping[str, Tensor]) -> dict[str, list[tuple[int, str]]]:
+    """category -> [(layer index, key)], sorted by layer index as PEFT sorts its per-layer dict. The fallback index
+    counts every entry of ``weights`` (PEFT counts every targeted Linear/Conv1D, whether or not it uses it)."""
+    groups: dict[str, list[tuple[int, str]]] = {}
+    for fallback, key in enumerate(weights):
+        groups.setdefault(category_from_key(key), []).append((layer_index_from_key(key, fallback), key))
+    for members in groups.values():
+        members.sort(key=lambda m: m[0])  # stable: keys of one layer index keep named_modules() order
+    return groups
+
+
+def _resolve_device(device) -> torch.device:
+    dev = torch.device("cpu") if device is None else torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: got {device!r} but no CUDA device is available")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected None, 'cpu' or a CUDA device, got {device!r}")
+    return dev
+
+
+def _basis_gpu(weights: Sequence[Tensor], regularization_alpha: float, device: torch.device) -> Tensor:
+    """PEFT's construction in float64 on the GPU (cuSOLVER): equal to PEFT's V only to the conditioning of the
+    eigenproblem (see the module docstring), so for checkpoints that save their projections."""
+    stacked = torch.cat([w.detach().to(device=device, dtype=torch.float64) for w in weights], dim=0)
+    dim = stacked.shape[1]
+    if stacked.shape[0] < dim:
+        return torch.linalg.svd(stacked, full_matrices=True)[2].T.float().cpu()
+    q_matrix, r_matrix = torch.linalg.qr(stacked)
+    del stacked
+    t_pi = torch.zeros((dim, dim), dtype=torch.float64, device=device)
+    eye = regularization_alpha * torch.eye(dim, dtype=torch.float64, device=device)
+    start = 0
+    for w in weights:
+        q_slice = q_matrix[start:start + w.shape[0]]
+        start += w.shape[0]
+        t_pi += torch.linalg.inv(q_slice.T @ q_slice + eye)
+    del q_matrix
+    t_pi /= len(weights)
+    return (r_matrix.T @ torch.linalg.eigh(t_pi)[1]).float().cpu()
+
+
+def build_projections(weights: Mapping[str, Tensor], *, sparse_rate: float = 0.01, projection_prng_key: int = 0,
+                      regularization_alpha: float = 1e-3, progressbar: bool = True, with_layers: bool = True,
+                      device=None) -> dict[str, CategoryProjection]:
+    """PEFT's projections for every category of ``weights``, as ``FrodModel._init_frod_projections`` and each
+    layer's ``update_layer`` compute them.
+
+    Args:
+        weights: module key -> weight (out, in), nn.Linear orientation (pass a Conv1D's weight transposed), in
+            ``named_modules()`` order, only the modules FRoD adapts (PEFT's fallback layer index counts them).
+        sparse_rate: PEFT's ``sparse_rate``, in [0, 1].
+        projection_prng_key: seeds the one generator that draws every category's pattern, categories in sorted
+            name order (PEFT's).
+        regularization_alpha: PEFT's ``regularization_alpha``.
+        progressbar: a tqdm bar per category (name, layers, width).
+        with_layers: also compute each layer's U and lambda_l.
+        device: ``None``/``"cpu"``: the CPU route (PEFT's V bitwise; U and lambda_l to rounding). A CUDA device:
+            the decompositions run there in float64 (V equal to PEFT's only to the eigenproblem's conditioning).
+
+    Returns:
+        category name -> :class:`CategoryProjection`, in sorted category order. ``keys`` lists every key of the
+        category by layer index; when two keys of one category share a layer index, PEFT's V keeps only the
+        last of them (its per-layer dict overwrites), and so does this V, while every key still gets U and
+        lambda_l. V and U are float32: PEFT stores them in the weight's dtype (and computes U from V rounded so), so
+        cast them to the weight's dtype to get PEFT's buffers. lambda_l is float32 rounded through the weight's
+        dtype, as PEFT's parameter is after its adapter autocast (a bfloat16 model's lambda_l holds bfloat16
+        values).
+    """
+    if not isinstance(sparse_rate, (int, float)) or not 0.0 <= sparse_rate <= 1.0:
+        raise ValueError(f"sparse_rate: expected a fraction in [0, 1], got {sparse_rate!r}")
+    if not isinstance(weights, Mapping) or len(weights) == 0:
+        raise ValueError(f"weights: expected a non-empty mapping of module key -> (out, in) weight, got "
+                         f"{type(weights).__name__} of length {len(weights) if hasattr(weights, '__len__') else '?'}")
+    for key, w in weights.items():
+        if not isinstance(w, Tensor) or w.dim() != 2 or not w.is_floating_point():
+            raise ValueError(f"weights[{key!r}]: expected a 2-D floating-point (out, in) tensor, got "
+                             f"{type(w).__name__}{tuple(w.shape) if isinstance(w, Tensor) else ''}")
+    dev = _resolve_device(device)
+
+    groups = _group(weights)
+    for name, members in groups.items():
+        widths = {weights[k].shape[1] for _, k in members}
+        if len(widths) != 1:
+            detail = ", ".join(f"{k}: {weights[k].shape[1]}" for _, k in members)
+            raise ValueError(f"weights: category {name!r} mixes in_features ({detail}); the layers of one category "
+                             f"share V and need one in_features")
+
+    generator = torch.Generator(device="cpu").manual_seed(projection_prng_key)
+    result: dict[str, CategoryProjection] = {}
+    for name in sorted(groups):
+        members = groups[name]
+        keys = [k for _, k in members]
+        # PEFT keeps one weight per (layer index, category): the last key seen for that index.
+        basis_keys = list({idx: k for idx, k in members}.values())
+        width = weights[keys[0]].shape[1]
+        bar = tqdm(total=1 + (len(keys) if with_layers else 0), disable=not progressbar, unit="step",
+                   desc=f"FRoD {name} ({len(basis_keys)} layers, width {width})")
+        with bar:
+            basis_weights = [weights[k] for k in basis_keys]
+            if dev.type == "cuda":
+                V = _basis_gpu(basis_weights, regularization_alpha, dev)
+            else:
+                V = basis_from_weights(basis_weights, regularization_alpha)
+            del basis_weights
+            bar.update(1)
+            s_indices = sparse_pattern(width, sparse_rate, generator)
+            proj = CategoryProjection(name=name, V=V, s_indices=s_indices, keys=keys)
+            if with_layers:
+                # PEFT rounds V to the first (insertion-order) weight's dtype for its buffer, then to each layer's
+                # dtype before its float64 solve: U is computed from those roundings.
+                key_set = set(keys)
+                buffer_dtype = weights[next(k for k in weights if k in key_set)].dtype
+                solvers: dict[torch.dtype, _Solver] = {}
+                for key in keys:
+                    w = weights[key]
+                    if w.dtype not in solvers:
+                        solvers[w.dtype] = _Solver(V.to(buffer_dtype).to(w.dtype), dev)
+                    proj.U[key], lam = solvers[w.dtype](w)
+                    # PEFT makes lambda_l a parameter of the weight's dtype before its adapter autocast to float32.
+                    proj.lambda_l[key] = lam.to(w.dtype).float()
+                    bar.update(1)
+            result[name] = proj
+    return result
+
