@@ -165,7 +165,7 @@ class FrodLinear(nn.Module):
         return cls(
             basis,
             U.to(device=dev, dtype=dt),
-            lam.to(device=dev, dtype=adapter_dtype),
+            lam.to(device=dev, dtype=dt).to(adapter_dtype),  # rounded through the weight dtype, as PEFT does
             bias=None if bias is None else bias.detach().clone(),
             dropout=dropout,
             base_weight=weight.detach().clone() if dropout > 0 else None,
