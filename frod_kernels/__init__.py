@@ -1,6 +1,7 @@
 """frod-kernels: fast FRoD fine-tuning (fused kernels for W' = U (diag(lambda) + S) V^T)."""
 
 from ._backends import available_backends, get_backend, set_backend, use_backend
+from ._validation import checks, get_checks, set_checks
 from .layer import FrodBasis, FrodLinear, replace_linears
 from .ops import frod_linear
 
@@ -10,9 +11,12 @@ __all__ = [
     "FrodBasis",
     "FrodLinear",
     "available_backends",
+    "checks",
     "frod_linear",
     "get_backend",
+    "get_checks",
     "replace_linears",
     "set_backend",
+    "set_checks",
     "use_backend",
 ]

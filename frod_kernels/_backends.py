@@ -8,7 +8,6 @@ implementation to run on the tensor's device. Selection is a table lookup, never
 from __future__ import annotations
 
 import contextlib
-import threading
 from typing import Callable, Iterator
 
 import torch
@@ -23,7 +22,6 @@ _PROBES: dict[str, Callable[[str], "str | None"]] = {}
 # "auto" preference per device type; a backend module may reorder it once it has measured its kernels
 AUTO_ORDER: dict[str, list[str]] = {"cuda": ["cuda", "triton", "torch"], "cpu": ["torch"]}
 
-_state = threading.local()
 _global_backend = "auto"
 
 
@@ -71,7 +69,7 @@ def available_backends() -> dict[str, dict[str, "str | None"]]:
 
 
 def get_backend() -> str:
-    return getattr(_state, "backend", None) or _global_backend
+    return _global_backend
 
 
 def set_backend(name: str) -> None:
@@ -82,13 +80,18 @@ def set_backend(name: str) -> None:
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Context manager form of :func:`set_backend`, local to the current thread."""
-    prev = getattr(_state, "backend", None)
-    _state.backend = _check_name(name)
+    """Context manager form of :func:`set_backend`.
+
+    Process-wide, not thread-local: on CUDA, autograd runs backward in its own device thread, which must see the
+    backend that the forward ran with.
+    """
+    global _global_backend
+    prev = _global_backend
+    _global_backend = _check_name(name)
     try:
         yield
     finally:
-        _state.backend = prev
+        _global_backend = prev
 
 
 def _check_name(name: str) -> str:

@@ -95,11 +95,13 @@ _CACHE: dict[int, tuple[weakref.ref, int, int, PatternLayout]] = {}
 def pattern_layout(s_indices: torch.Tensor, n: int) -> PatternLayout:
     """The cached layout of ``s_indices`` (built on first use, validated then)."""
     key = id(s_indices)
+    # inference tensors carry no version counter, and cannot be written outside inference mode either
+    version = -1 if s_indices.is_inference() else s_indices._version
     hit = _CACHE.get(key)
-    if hit is not None and hit[0]() is s_indices and hit[1] == s_indices._version and hit[2] == n:
+    if hit is not None and hit[0]() is s_indices and hit[1] == version and hit[2] == n:
         return hit[3]
     layout = build_layout(s_indices, n)
-    _CACHE[key] = (weakref.ref(s_indices, _evict(key)), s_indices._version, n, layout)
+    _CACHE[key] = (weakref.ref(s_indices, _evict(key)), version, n, layout)
     return layout
 
 

@@ -1,0 +1,123 @@
+"""Check suite: every backend's output and gradients against the float64 reference, on the benchmark's shapes.
+
+A fast wrong kernel must not hide in the timing table: each candidate (a backend under each forced path, or any
+callable passed in) computes ``y`` and the gradients of ``x``, ``lambda_l``, ``s_values`` and ``bias`` on fresh
+random data, and each is compared with :func:`frod_kernels.reference.reference_grads` by relative error against
+the tolerances of DESIGN.md section 5. :func:`run` raises :class:`CheckFailed`, naming every failing
+backend/path/tensor, after checking them all.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional
+
+import torch
+
+import frod_kernels as fk
+from frod_kernels import engine
+from frod_kernels.reference import TOLERANCE, TOLERANCE_TF32, reference_grads, rel_err
+
+from .common import Sizes, dtype_name
+from .layer import runnable_backends, selected_backend
+
+TENSORS = ("y", "dx", "dlambda_l", "ds_values", "dbias")
+PATHS = tuple(engine.PATH_NAMES[p] for p in sorted(engine.PATH_NAMES))
+
+# A candidate computes y = frod_linear(x, V, U, lambda_l, s_values, s_indices, bias) differentiably.
+Candidate = Callable[..., torch.Tensor]
+
+
+class CheckFailed(RuntimeError):
+    def __init__(self, failures: list[dict], rows: list[dict]):
+        self.failures, self.rows = failures, rows
+        lines = [f"{f['candidate']} {f['n_in']}x{f['n_out']} b={f['tokens']} {f['dtype']}: {f['tensor']} rel err "
+                 f"{f['rel_err']:.3g} > tolerance {f['tolerance']:.3g}" if f.get("rel_err") is not None else
+                 f"{f['candidate']} {f['n_in']}x{f['n_out']} b={f['tokens']} {f['dtype']}: {f['error']}"
+                 for f in failures]
+        super().__init__("frod-bench check FAILED (output or gradients outside the DESIGN.md section 5 tolerance):"
+                         "\n  " + "\n  ".join(lines))
+
+
+def backend_candidates(device: torch.device) -> list[tuple[str, Candidate]]:
+    """``("<backend>/<path>", fn)`` for each backend that can run on ``device`` and each engine path."""
+    def make(backend, path):
+        def fn(x, V, U, lambda_l, s_values, s_indices, bias):
+            with selected_backend(backend):
+                return fk.frod_linear(x, V, U, lambda_l, s_values, s_indices, bias, path=path)
+        fn.backend = backend
+        return fn
+    return [(f"{b}/{p}", make(b, p)) for b in runnable_backends(device) for p in PATHS]
+
+
+def n_steps(sizes: Sizes, device: torch.device, candidates=None) -> int:
+    n = len(candidates) if candidates is not None else len(runnable_backends(device)) * len(PATHS)
+    return len(sizes.layer_shapes) * len(sizes.check_tokens) * n
+
+
+def random_problem(n_in: int, n_out: int, tokens: int, dtype: torch.dtype, device: torch.device,
+                   seed: int, sparse_rate: float = 0.01):
+    """Fresh random FRoD inputs, never zeros, O(1) outputs: x, V, U, lambda_l, s_values, s_indices, bias.
+
+    The pattern follows PEFT's construction (distinct off-diagonal positions, unsorted), at PEFT's default rate.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    # Built on the CPU in float32 and moved: no O(n^3) factorization, so a 14336-wide basis costs nothing here.
+    V = torch.randn(n_in, n_in, generator=gen) / n_in ** 0.5
+    U = torch.randn(n_out, n_in, generator=gen)
+    U = U / U.norm(dim=0, keepdim=True)
+    x = torch.randn(tokens, n_in, generator=gen)
+    lam = 0.5 + torch.rand(n_in, generator=gen)
+    nnz = max(1, min(int(n_in * n_in * sparse_rate), n_in * (n_in - 1)))
+    off = torch.randperm(n_in * (n_in - 1), generator=gen)[:nnz]
+    rows, cols = off // (n_in - 1), off % (n_in - 1)
+    s_indices = torch.stack([rows, cols + (cols >= rows).long()])
+    s = 0.3 * torch.randn(nnz, generator=gen)
+    bias = torch.randn(n_out, generator=gen)
+    param_dtype = torch.float32 if dtype != torch.float64 else dtype  # PEFT keeps lambda/s in float32
+    return (x.to(device, dtype), V.to(device, dtype), U.to(device, dtype), lam.to(device, param_dtype),
+            s.to(device, param_dtype), s_indices.to(device), bias.to(device, dtype))
+
+
+def tolerance(dtype: torch.dtype, device: torch.device, candidate: Candidate) -> float:
+    # Triton's float32 dot is tf32 by default; DESIGN.md section 5 allows 1e-3 for it.
+    if dtype == torch.float32 and device.type == "cuda" and getattr(candidate, "backend", None) != "torch":
+        return TOLERANCE_TF32
+    return TOLERANCE[dtype]
+
+
+def run(sizes: Sizes, device: torch.device, tick: Callable[[str], None],
+        candidates: Optional[list[tuple[str, Candidate]]] = None) -> list[dict]:
+    """One row per (candidate, shape, tokens) with each tensor's relative error; raises CheckFailed at the end if
+    any tensor of any candidate is outside tolerance (or a candidate raised)."""
+    candidates = backend_candidates(device) if candidates is None else candidates
+    dtype, rows, failures = sizes.dtype, [], []
+    for n_in, n_out in sizes.layer_shapes:
+        for tokens in sizes.check_tokens:
+            # Fresh data every run, independent of the seeds the other suites set; the seed is in each row.
+            seed = int.from_bytes(os.urandom(4), "little") >> 1
+            x, V, U, lam, s, idx, bias = random_problem(n_in, n_out, tokens, dtype, device, seed)
+            g = torch.randn(tokens, n_out, generator=torch.Generator().manual_seed(seed + 1)).to(device, dtype)
+            ref = reference_grads(x, V, U, lam, s, idx, bias, g)
+            for name, fn in candidates:
+                tick(f"check {n_in}x{n_out} b={tokens} {name}")
+                tol = tolerance(dtype, device, fn)
+                row = {"suite": "check", "candidate": name, "n_in": n_in, "n_out": n_out, "tokens": tokens,
+                       "dtype": dtype_name(dtype), "seed": seed, "tolerance": tol}
+                try:
+                    leaves = [t.detach().clone().requires_grad_(True) for t in (x, lam, s, bias)]
+                    y = fn(leaves[0], V, U, leaves[1], leaves[2], idx, leaves[3])
+                    grads = torch.autograd.grad(y, leaves, g)
+                    errs = {name_: rel_err(a, r) for name_, a, r in zip(TENSORS, (y, *grads), ref)}
+                    row["rel_err"] = errs
+                    bad = {k: e for k, e in errs.items() if not e <= tol}
+                    row["ok"] = not bad
+                    failures += [dict(row, candidate=name, tensor=k, rel_err=e) for k, e in bad.items()]
+                except Exception as e:  # a candidate that raises fails the check like a wrong one
+                    row["ok"] = False
+                    row["error"] = f"{type(e).__name__}: {e}"
+                    failures.append(dict(row))
+                rows.append(row)
+    if failures:
+        raise CheckFailed(failures, rows)
+    return rows

@@ -1,0 +1,254 @@
+"""What every suite shares: size presets, timing, peak memory, the machine description and result rows.
+
+Timing: on the CPU ``time.perf_counter`` around each call; on CUDA a pair of CUDA events per call. Both after
+warm-up calls, reporting the median and the interquartile range over ``repeats`` calls.
+
+Peak memory of one step, "above what was allocated when the step began" (weights, inputs and optimizer state are
+already resident then and are reported separately where they differ between methods):
+
+* CUDA: ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()``, minus ``memory_allocated()``.
+* CPU: the running sum of the allocation and free events of torch's CPU allocator (``torch.profiler`` with
+  ``profile_memory=True``) over one step, maximized. Exact per method in one process, unlike the RSS high-water
+  mark, which glibc's free lists make depend on what ran before; it does not see scratch memory that a library
+  (MKL) allocates outside torch. The process's RSS high-water mark is recorded once in results.json.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from typing import Callable, Iterator, Optional
+
+import torch
+
+
+@dataclasses.dataclass
+class Sizes:
+    """Shapes of one run. ``layer_shapes`` are (in, out) pairs; ``train`` is a LlamaConfig subset plus batch/seq."""
+
+    name: str
+    dtype: torch.dtype
+    layer_shapes: list[tuple[int, int]]
+    layer_tokens: list[int]
+    check_tokens: list[int]
+    train: dict
+    repeats: int
+    warmup: int
+    init_repeats: int
+    # Time frod_linear under each forced engine path as well as the cost model's choice: the data that calibrates
+    # the cost model's crossover (engine.SPARSE_COST) on a device.
+    all_paths: bool = False
+
+
+def _train_cfg(hidden, layers, inter, heads, kv_heads, vocab, batch, seq):
+    return dict(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=inter, num_attention_heads=heads,
+                num_key_value_heads=kv_heads, vocab_size=vocab, batch=batch, seq=seq)
+
+
+# `tiny` is for tests and dry runs; `cpu` finishes the four suites in about two minutes on 2 cores; `gpu` and `full`
+# use the shapes of the Triton issue (4096->4096, 4096->1024, 14336->4096 and a ~1B Llama with 4 x 1024 tokens).
+PRESETS = {
+    "tiny": Sizes("tiny", torch.float32, [(96, 80)], [1, 33], [3, 17],
+                  _train_cfg(64, 2, 128, 4, 4, 128, 2, 16), repeats=3, warmup=1, init_repeats=1),
+    "cpu": Sizes("cpu", torch.float32, [(1024, 1024)], [8, 128, 512, 2048], [3, 257],
+                 _train_cfg(512, 4, 1376, 8, 8, 2000, 2, 256), repeats=7, warmup=2, init_repeats=3),
+    "gpu": Sizes("gpu", torch.bfloat16, [(4096, 4096)], [1, 512, 4096, 16384], [3, 257],
+                 _train_cfg(2048, 4, 5632, 16, 16, 32000, 4, 1024), repeats=20, warmup=3, init_repeats=1),
+    "full": Sizes("full", torch.bfloat16, [(4096, 4096), (4096, 1024), (14336, 4096)], [1, 512, 4096, 16384],
+                  [3, 67], _train_cfg(2048, 16, 5632, 16, 16, 32000, 4, 1024), repeats=20, warmup=3,
+                  init_repeats=1),
+}
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_time(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> dict:
+    """Median, quartiles, min and max of ``fn``'s wall time in milliseconds, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    if device.type == "cuda":
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return summarize(times)
+
+
+def summarize(times_ms: list[float]) -> dict:
+    ts = sorted(times_ms)
+    q = statistics.quantiles(ts, n=4, method="inclusive") if len(ts) > 1 else [ts[0]] * 3
+    return {"median_ms": statistics.median(ts), "q1_ms": q[0], "q3_ms": q[2], "min_ms": ts[0], "max_ms": ts[-1],
+            "repeats": len(ts)}
+
+
+def measure_peak_memory(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak bytes allocated during one call of ``fn`` above what was allocated when it began (module docstring)."""
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device) - base)
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr_fd(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type() ==
+              torch.autograd.DeviceType.CPU]
+    cur = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        cur += e.nbytes()
+        peak = max(peak, cur)
+    return int(peak)
+
+
+@contextlib.contextmanager
+def _quiet_stderr_fd() -> Iterator[None]:
+    """Silence file descriptor 2: the profiler's C++ side logs a line per start and stop (KINETO_LOG_LEVEL is read
+    when torch loads, too late to set here), which would tear the progress bar apart."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def tensor_bytes(tensors) -> int:
+    """Bytes of distinct storages among ``tensors`` (shared buffers, such as PEFT's V, count once)."""
+    seen, total = set(), 0
+    for t in tensors:
+        if t is None or not isinstance(t, torch.Tensor):
+            continue
+        key = (t.device, t.untyped_storage().data_ptr())
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def matmul_peak_tflops(device: torch.device, dtype: torch.dtype) -> dict:
+    """Measured TFLOP/s of a large square matmul: the denominator of the "fraction of peak" column."""
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t = measure_time(lambda: a @ b, device, repeats=10 if device.type == "cuda" else 5, warmup=3)
+    return {"n": n, "dtype": dtype_name(dtype), "median_ms": t["median_ms"],
+            "tflops": 2 * n ** 3 / (t["median_ms"] * 1e-3) / 1e12}
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(module: str) -> Optional[str]:
+    try:
+        return __import__(module).__version__
+    except Exception:  # a missing optional package is a fact to record, not an error
+        return None
+
+
+def rss_high_water_mark_bytes() -> Optional[int]:
+    try:
+        with open("/proc/self/status", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _program() -> str:
+    prog = os.path.basename(sys.argv[0])
+    return "python -m frod_kernels.bench" if prog in ("__main__.py", "-c", "") else prog
+
+
+def environment(device: torch.device, argv: list[str]) -> dict:
+    """Machine, versions, date and the exact command: recorded beside every number in results.json."""
+    import frod_kernels
+
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([_program(), shlex.join(argv)]).strip(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model(),
+        "cpu_model": _cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": {"frod_kernels": frod_kernels.__version__, "torch": torch.__version__,
+                     "triton": _version("triton"), "peft": _version("peft"),
+                     "transformers": _version("transformers"), "cuda": torch.version.cuda},
+        "backends": frod_kernels.available_backends(),
+    }
+    return env
+
+
+def fmt_ms(ms: Optional[float]) -> str:
+    if ms is None:
+        return "-"
+    return f"{ms:.3f}" if ms < 1 else f"{ms:.1f}" if ms < 1000 else f"{ms:.0f}"
+
+
+def fmt_bytes(n: Optional[int]) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
+
+
+def fmt_ratio(r: Optional[float]) -> str:
+    return "-" if r is None else f"{r:.2f}x"
+
+
+def format_table(headers: list[str], rows: list[list[str]], markdown: bool = False) -> str:
+    """Columns of numbers right-aligned, text (and the first column) left-aligned; a GitHub table if ``markdown``."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    numeric = [i > 0 and bool(rows) and all(r[i] == "-" or r[i][:1].isdigit() for r in rows)
+               for i in range(len(headers))]
+    if markdown:
+        rule = ["-" * (w - 1) + ":" if n else "-" * w for w, n in zip(widths, numeric)]
+        return "\n".join("| " + " | ".join(r) + " |" for r in [headers, rule, *rows])
+    out = ["  ".join(h.rjust(w) if n else h.ljust(w) for h, w, n in zip(headers, widths, numeric)).rstrip(),
+           "  ".join("-" * w for w in widths)]
+    out += ["  ".join(c.rjust(w) if n else c.ljust(w) for c, w, n in zip(r, widths, numeric)).rstrip() for r in rows]
+    return "\n".join(out)

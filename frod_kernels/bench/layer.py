@@ -1,0 +1,162 @@
+"""Layer suite: forward+backward of one adapted linear layer, method by method on the same weights and data.
+
+Methods: ``frod_linear`` under each backend that can run here, PEFT's FRoD layer (whose V, U, lambda_l, s_values
+and s_indices ``frod_linear`` uses), PEFT LoRA r=32 on the same base layer, and the frozen ``nn.Linear`` (forward,
+and backward to the input only). Every method computes the gradient of ``x`` (as a layer inside a trained stack
+must) and of its trainable parameters, through ``torch.autograd.grad`` so nothing accumulates between calls.
+
+PEFT's layer is built with :func:`~frod_kernels.bench.peft_models.fast_projections` (a random orthogonal ``V``):
+the time of a forward+backward does not depend on V's values, and PEFT's own setup, timed by the init suite, takes
+minutes for the widest shapes.
+
+FLOPs, for the "fraction of matmul peak" column: the minimum of DESIGN.md section 3, the materialized path's
+three GEMMs of ``b * in * out`` multiply-adds (forward, ``dx``, and the weight-shaped gradient that ``dlambda`` and
+``dS`` are read from), so ``6 * b * in * out`` FLOPs for every adapted method; ``4 * b * in * out`` for the frozen
+layer (forward and ``dx``). LoRA's rank-32 extra work is not counted, so its fraction is slightly understated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import frod_kernels as fk
+from frod_kernels import engine
+
+from . import peft_models
+from .common import Sizes, dtype_name, measure_peak_memory, measure_time
+
+PEFT_FROD = "PEFT FRoD"
+LORA = f"PEFT LoRA r={peft_models.LORA_RANK}"
+LINEAR = "frozen nn.Linear"
+
+
+def frod_method(backend: str, path: str | None = None) -> str:
+    return f"frod_linear [{backend}]" if path is None else f"frod_linear [{backend}/{path}]"
+
+
+def runnable_backends(device: torch.device) -> list[str]:
+    return [b for b, where in fk.available_backends().items() if where.get(device.type) is None]
+
+
+def timed_backends(device: torch.device) -> list[str]:
+    """The backends worth timing: all that run here except Triton under its CPU interpreter, a correctness tool
+    thousands of times slower than any kernel (the check suite still covers it)."""
+    interpreted = device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+    return [b for b in runnable_backends(device) if not (interpreted and b == "triton")]
+
+
+@contextlib.contextmanager
+def selected_backend(name: str) -> Iterator[None]:
+    # The process-wide setting rather than fk.use_backend: on CUDA autograd runs backward in its own thread, where a
+    # thread-local choice would not be seen.
+    prev = fk.get_backend()
+    fk.set_backend(name)
+    try:
+        yield
+    finally:
+        fk.set_backend(prev)
+
+
+def n_steps(sizes: Sizes, device: torch.device) -> int:
+    per_backend = 1 + (len(engine.PATH_NAMES) if sizes.all_paths else 0)
+    return len(sizes.layer_shapes) * len(sizes.layer_tokens) * (3 + per_backend * len(timed_backends(device)))
+
+
+def _methods(base: nn.Linear, device: torch.device, dtype: torch.dtype, backends: list[str], all_paths: bool):
+    """(name, path, make_step) per method; make_step(x, g) returns a no-argument forward+backward callable."""
+    with peft_models.fast_projections(device):
+        frod_model, frod_layer = peft_models.peft_frod_linear(base)
+    frod_model.to(device)
+    _, lora_layer = peft_models.peft_lora_linear(base)
+    lora_layer.to(device)
+    t = peft_models.frod_tensors(frod_layer)
+    V, U = t["V"].to(device, dtype), t["U"].to(device, dtype)
+    lam = t["lambda_l"].detach().clone().requires_grad_(True)
+    s = t["s_values"].detach().clone().requires_grad_(True)
+    idx = t["s_indices"].to(device)
+    W = base.weight.detach().to(device, dtype)
+
+    def peft_frod(x, g):
+        params = [x, t["lambda_l"], t["s_values"]]
+        return lambda: torch.autograd.grad(frod_layer(x), params, g)
+
+    def lora(x, g):
+        params = [x, lora_layer.lora_A["default"].weight, lora_layer.lora_B["default"].weight]
+        return lambda: torch.autograd.grad(lora_layer(x), params, g)
+
+    def linear(x, g):
+        return lambda: torch.autograd.grad(F.linear(x, W), [x], g)
+
+    def frod(backend, forced=None):
+        def make(x, g):
+            def step():
+                with selected_backend(backend):
+                    y = fk.frod_linear(x, V, U, lam, s, idx, path=forced)
+                    return torch.autograd.grad(y, [x, lam, s], g)
+            return step
+        return make
+
+    nnz = idx.shape[1]
+
+    def path(tokens):
+        return engine.PATH_NAMES[engine.choose_path(tokens, V.shape[0], U.shape[0], nnz, device.type, True)]
+
+    methods = []
+    for b in backends:
+        methods.append((frod_method(b), path, frod(b)))
+        if all_paths:
+            methods += [(frod_method(b, p), lambda tokens, p=p: p, frod(b, p)) for p in engine.PATH_NAMES.values()]
+    methods += [(PEFT_FROD, None, peft_frod), (LORA, None, lora), (LINEAR, None, linear)]
+    return methods
+
+
+def run(sizes: Sizes, device: torch.device, peak_tflops: float | None, tick: Callable[[str], None]) -> list[dict]:
+    dtype, rows = sizes.dtype, []
+    backends = timed_backends(device)
+    for n_in, n_out in sizes.layer_shapes:
+        torch.manual_seed(n_in * 7919 + n_out)
+        with torch.device("cpu"):
+            base = nn.Linear(n_in, n_out, bias=False).to(dtype)
+        base.requires_grad_(False)
+        methods = _methods(base, device, dtype, backends, sizes.all_paths)
+        for tokens in sizes.layer_tokens:
+            x = torch.randn(tokens, n_in, device=device, dtype=dtype, requires_grad=True)
+            g = torch.randn(tokens, n_out, device=device, dtype=dtype)
+            group = []
+            for name, path, make in methods:
+                tick(f"layer {n_in}x{n_out} b={tokens} {name}")
+                row = {"suite": "layer", "method": name, "n_in": n_in, "n_out": n_out, "tokens": tokens,
+                       "dtype": dtype_name(dtype), "path": path(tokens) if path else None}
+                try:
+                    step = make(x, g)
+                    row.update(measure_time(step, device, sizes.repeats, sizes.warmup))
+                    row["peak_mem_bytes"] = measure_peak_memory(step, device)
+                except Exception as e:  # one failing method is reported in its row; the others still run
+                    row["error"] = f"{type(e).__name__}: {e}"
+                group.append(row)
+            _derive(group, peak_tflops)
+            rows += group
+        del methods
+    return rows
+
+
+def _derive(group: list[dict], peak_tflops: float | None) -> None:
+    """Throughput, FLOP rate and the ratios to PEFT FRoD and LoRA within one (shape, tokens) group."""
+    ref = {r["method"]: r.get("median_ms") for r in group}
+    for r in group:
+        ms = r.get("median_ms")
+        if ms is None:
+            continue
+        b, macs = r["tokens"], r["tokens"] * r["n_in"] * r["n_out"]
+        r["tokens_per_s"] = b / (ms * 1e-3)
+        r["flops"] = (4 if r["method"] == LINEAR else 6) * macs
+        r["tflops"] = r["flops"] / (ms * 1e-3) / 1e12
+        r["frac_of_peak"] = r["tflops"] / peak_tflops if peak_tflops else None
+        r["speedup_vs_peft_frod"] = ref[PEFT_FROD] / ms if ref.get(PEFT_FROD) else None
+        r["time_vs_lora"] = ms / ref[LORA] if ref.get(LORA) else None

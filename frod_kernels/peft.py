@@ -1,0 +1,336 @@
+"""Make PEFT's FRoD layers run through frod-kernels: one call, no change to configs, checkpoints or behaviour.
+
+    import frod_kernels.peft as fkp
+    fkp.enable()             # every PEFT FRoD layer, existing or created later
+    fkp.accelerate(model)    # or: this model only
+    fkp.disable()            # back to PEFT's own forward and projection setup, everywhere
+
+How: PEFT's ``peft.tuners.frod.layer.Linear.forward`` (and the projection setup, ``FrodModel._init_frod_projections``
+and ``FrodLayer._calculate_frod_u_and_lambda``) are replaced at class level by wrappers that check whether the
+layer is accelerated (:func:`enable`'s global flag, or membership in the set :func:`accelerate` fills) and otherwise
+call PEFT's own method; :func:`disable` puts PEFT's methods back. The wrappers never copy PEFT's computation for
+the cases they do not fuse: those call PEFT's forward.
+
+The fused path runs when exactly one adapter of the layer is active, the adapter is not merged and adapters are
+not disabled; any dropout. It computes what PEFT's forward computes:
+
+* dropout inactive (``nn.Identity`` or eval): ``y = FRoD(x) + bias``, the base layer skipped (its weight offloaded
+  to the CPU under ``runtime_offload_base_weight``, as PEFT does);
+* dropout active in training: ``y = base_layer(x) + FRoD_nobias(h) - h W^T`` with ``h = dropout(x)``, the base
+  layer called before dropout draws its mask, as PEFT does, so the same seed gives the same mask.
+
+Everything else (several active adapters, merged, disabled adapters, an invalid pattern) runs PEFT's forward.
+PEFT keeps ``frod_V`` and ``frod_s_indices`` on the CPU and copies them to the activations' device on every call;
+here the device/dtype copies and the packed pattern layout are cached per shared tensor (one V per category on
+the device, not one per layer) and rebuilt only when the source tensor is replaced or written in place.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:
+    from peft.tuners.frod import layer as _peft_layer
+    from peft.tuners.frod import model as _peft_model
+    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
+    from peft.utils.other import transpose
+except ImportError as e:  # peft is optional for frod-kernels itself
+    raise ImportError("frod_kernels.peft needs PEFT with FRoD support (pip install 'peft>=0.20')") from e
+
+from . import projections
+from .layout import build_layout, check_pattern
+from .ops import frod_linear
+
+__all__ = ["accelerate", "disable", "enable", "is_enabled"]
+
+_Linear = _peft_layer.Linear
+_FrodModel = _peft_model.FrodModel
+_PEFT_FORWARD = _Linear.forward
+_PEFT_INIT_PROJECTIONS = _FrodModel._init_frod_projections
+_PEFT_CREATE_AND_REPLACE = _FrodModel._create_and_replace
+_PEFT_U_AND_LAMBDA = _peft_layer.FrodLayer._calculate_frod_u_and_lambda
+_PEFT_INJECT = _FrodModel.inject_adapter  # BaseTuner's: FrodModel inherits it
+
+_enabled = False
+# the FRoD layers (and FrodModels) that accelerate() covers
+_accelerated: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+def enable() -> None:
+    """From now on every PEFT FRoD layer runs through frod-kernels where it can (see the module docstring), and
+    PEFT's projection setup uses :mod:`frod_kernels.projections` (bitwise the same V, pattern, U and lambda_l:
+    no n*n grid of positions for the pattern, one LU factorization of V per category instead of one per layer)."""
+    global _enabled
+    _enabled = True
+    _install()
+
+
+def disable() -> None:
+    """Back to PEFT everywhere: clears :func:`enable` and every :func:`accelerate`, and restores PEFT's methods."""
+    global _enabled
+    _enabled = False
+    _accelerated.clear()
+    _uninstall()
+
+
+def is_enabled() -> bool:
+    """Whether :func:`enable` is in effect (models accelerated one by one do not count)."""
+    return _enabled
+
+
+def accelerate(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Run this model's PEFT FRoD layers through frod-kernels (``enabled=False``: back to PEFT for this model).
+
+    Covers the FRoD layers the model has now and those a later ``add_adapter``/``load_adapter`` creates in it.
+    Accepts a ``PeftModel``, its ``base_model`` (``FrodModel``) or any module holding FRoD layers; returns it.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module (a PeftModel with FRoD adapters), got {type(model).__name__}")
+    found = False
+    for module in model.modules():
+        if isinstance(module, (_Linear, _FrodModel)):
+            found = found or isinstance(module, _Linear)
+            _mark(module, enabled)
+    if not found and enabled:
+        raise ValueError(f"model: {type(model).__name__} has no PEFT FRoD layer (peft.tuners.frod.layer.Linear); "
+                         "build it with get_peft_model(model, FrodConfig(...)) first")
+    if enabled:
+        _install()
+    elif not _enabled and not _accelerated:
+        _uninstall()
+    return model
+
+
+def _mark(module: nn.Module, enabled: bool) -> None:
+    if enabled:
+        _accelerated.add(module)
+    else:
+        _accelerated.discard(module)
+
+
+def _on(module: nn.Module) -> bool:
+    # membership, not an attribute: a deepcopy or pickle of an accelerated model is not silently accelerated
+    return _enabled or module in _accelerated
+
+
+def _install() -> None:
+    _Linear.forward = _forward
+    _FrodModel._init_frod_projections = _init_frod_projections
+    _FrodModel._create_and_replace = _create_and_replace
+    _FrodModel.inject_adapter = _inject_adapter
+    _peft_layer.FrodLayer._calculate_frod_u_and_lambda = _calculate_frod_u_and_lambda
+
+
+def _uninstall() -> None:
+    _Linear.forward = _PEFT_FORWARD
+    _FrodModel._init_frod_projections = _PEFT_INIT_PROJECTIONS
+    _FrodModel._create_and_replace = _PEFT_CREATE_AND_REPLACE
+    if "inject_adapter" in vars(_FrodModel):
+        del _FrodModel.inject_adapter
+    _peft_layer.FrodLayer._calculate_frod_u_and_lambda = _PEFT_U_AND_LAMBDA
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Forward
+
+
+@functools.wraps(_PEFT_FORWARD)
+def _forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    if not _on(self):
+        return _PEFT_FORWARD(self, x, *args, **kwargs)
+    adapter = _fusable_adapter(self, x)
+    if adapter is None:
+        return _PEFT_FORWARD(self, x, *args, **kwargs)
+    layout = _device_layout(self.frod_s_indices[adapter], x.device, self.in_features)
+    if layout is None:
+        return _PEFT_FORWARD(self, x, *args, **kwargs)
+    s_indices, packed = layout
+    V = _device_copy(self.frod_V[adapter], x.device, x.dtype)
+    U = _device_copy(self.frod_U[adapter], x.device, x.dtype)
+    # PEFT moves the trainable tensors with a differentiable .to(); a no-op when they already live on x's device
+    lambda_l = self.frod_lambda_l[adapter].to(device=x.device)
+    s_values = self.frod_lambda_s_values[adapter].to(device=x.device)
+    previous_dtype = x.dtype
+    base_layer = self.get_base_layer()
+    dropout = self.frod_dropout[adapter]
+
+    if isinstance(dropout, nn.Identity) or not dropout.training:
+        if self.runtime_offload_base_weight.get(adapter, False):
+            self._offload_base_weight_to_cpu()
+        bias = base_layer.bias
+        if bias is not None:
+            bias = bias.to(device=x.device)
+        result = frod_linear(x, V, U, lambda_l, s_values, s_indices, bias, layout=packed)
+    else:
+        # PEFT's terms in PEFT's order: the base layer runs before dropout draws its mask
+        self._move_base_weight_to_device(x.device)
+        result = self.base_layer(x, *args, **kwargs)
+        h = dropout(x)
+        out_add = frod_linear(h, V, U, lambda_l, s_values, s_indices, layout=packed)
+        base_weight = transpose(base_layer.weight, self.fan_in_fan_out).to(device=x.device, dtype=x.dtype)
+        result = result + out_add - F.linear(h, base_weight)
+    return result.to(previous_dtype)
+
+
+def _fusable_adapter(layer, x) -> Optional[str]:
+    """The one active adapter when the fused path computes what PEFT's forward does, else None."""
+    if layer.disable_adapters or layer.merged or layer.frod_V is None or layer.frod_s_indices is None:
+        return None
+    active = [a for a in layer.active_adapters if a in layer.frod_lambda_s_values]
+    if len(active) != 1:
+        return None
+    if not isinstance(x, torch.Tensor) or x.dtype not in (torch.float16, torch.bfloat16, torch.float32,
+                                                          torch.float64):
+        return None
+    if x.dim() < 1 or x.shape[-1] != layer.in_features:
+        return None
+    return active[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Caches of derived tensors, keyed by the identity of their source tensor (PEFT's CPU buffers, or whatever
+# model.to() replaced them with). A source written in place bumps its _version, so a stale entry never hits; an
+# entry is dropped when its source is freed. id() is safe with the weakref check (ids are reused).
+
+_CACHE: dict[tuple, tuple[weakref.ref, int, Any]] = {}
+
+
+def _cached(src: torch.Tensor, tag: tuple, build: Callable[[], Any]) -> Any:
+    key = (id(src),) + tag
+    hit = _CACHE.get(key)
+    if hit is not None and hit[0]() is src and hit[1] == src._version:
+        return hit[2]
+    value = build()
+    _CACHE[key] = (weakref.ref(src, _evict(key)), src._version, value)
+    return value
+
+
+def _evict(key: tuple):
+    def cb(ref: weakref.ref) -> None:
+        if _CACHE.get(key, (None,))[0] is ref:
+            del _CACHE[key]
+
+    return cb
+
+
+def _device_copy(src: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    if src.device == device and src.dtype == dtype:
+        return src
+    return _cached(src, ("to", device, dtype), lambda: src.detach().to(device=device, dtype=dtype))
+
+
+def _device_layout(s_indices: torch.Tensor, device: torch.device, n: int):
+    """(s_indices on ``device`` as int64, its packed layout), or None for a pattern the kernels do not take
+    (duplicates, diagonal entries: PEFT's coalesce sums duplicates, so such a layer keeps PEFT's forward)."""
+    def build():
+        idx = s_indices.detach().to(device=device, dtype=torch.long)
+        try:
+            check_pattern(idx, n)
+        except ValueError:
+            return None
+        return idx, build_layout(idx, n, validate=False).packed
+
+    return _cached(s_indices, ("layout", device, n), build)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Projection setup
+
+
+@functools.wraps(_PEFT_INIT_PROJECTIONS)
+def _init_frod_projections(self, config, adapter_name: str) -> None:
+    """PEFT's ``_init_frod_projections`` with :func:`frod_kernels.projections.build_projections`: the same V (the
+    same float32 ops in the same order) and the same pattern (the same randperm draws), without materializing the
+    n*n grid of positions PEFT indexes the pattern from."""
+    if not _on(self) or not 0.0 <= config.sparse_rate <= 1.0:
+        return _PEFT_INIT_PROJECTIONS(self, config, adapter_name)
+    model_config = self.get_model_config(self.model)
+    peft_config = self._prepare_adapter_config(config, model_config)
+    peft_config = _maybe_include_all_linear_layers(peft_config, self.model)
+    weights: dict[str, torch.Tensor] = {}
+    for key, module in self.model.named_modules():
+        if not self._check_target_module_exists(peft_config, key):
+            continue
+        if isinstance(module, nn.Linear):
+            weights[key] = module.weight
+        elif isinstance(module, _peft_model.Conv1D):
+            weights[key] = module.weight.T
+    if not weights or any(len({w.shape[1] for k, w in weights.items()
+                               if projections.category_from_key(k) == c}) != 1
+                          for c in {projections.category_from_key(k) for k in weights}):
+        # nothing to adapt, or a category mixing widths: PEFT's own code raises its own error
+        return _PEFT_INIT_PROJECTIONS(self, config, adapter_name)
+
+    projs = projections.build_projections(
+        weights, sparse_rate=config.sparse_rate, projection_prng_key=config.projection_prng_key,
+        regularization_alpha=config.regularization_alpha, progressbar=config.progressbar, with_layers=False)
+
+    # PEFT stores V in the dtype of the category's weight at the first layer index inserted into its per-layer
+    # dict (where a later key of the same index overwrites an earlier one)
+    by_index: dict[int, dict[str, torch.Tensor]] = {}
+    for fallback, (key, weight) in enumerate(weights.items()):
+        by_index.setdefault(projections.layer_index_from_key(key, fallback), {})[
+            projections.category_from_key(key)] = weight
+
+    if not hasattr(self, "frod_V"):
+        self.frod_V = nn.ModuleDict()
+        self.frod_s_indices = nn.ModuleDict()
+        self.frod_s_size = nn.ModuleDict()
+    for category, proj in projs.items():
+        dtype = next(d[category] for d in by_index.values() if category in d).dtype
+        in_dim = proj.V.shape[0]
+        for store, value in ((self.frod_V, proj.V.to(dtype=dtype, device="cpu")),
+                             (self.frod_s_indices, proj.s_indices.to(torch.long).contiguous()),
+                             (self.frod_s_size, torch.tensor([in_dim, in_dim], dtype=torch.long))):
+            if category not in store:
+                store[category] = _peft_model.BufferDict({}, persistent=config.save_projection)
+            store[category][adapter_name] = value
+
+
+@functools.wraps(_PEFT_CREATE_AND_REPLACE)
+def _create_and_replace(self, *args: Any, **kwargs: Any):
+    # a FrodModel that accelerate() covers also covers the layers a later add_adapter/load_adapter creates
+    out = _PEFT_CREATE_AND_REPLACE(self, *args, **kwargs)
+    if self in _accelerated:
+        for module in self.model.modules():
+            if isinstance(module, _Linear):
+                _mark(module, True)
+    return out
+
+
+# Each layer's U and lambda_l solve V B^T = W^T in float64; PEFT's torch.linalg.solve LU-factorizes the category's
+# V again for every layer. The solver below factorizes it once (the same LAPACK getrf, then getrs per layer: the
+# same bits). The factorizations (float64, in x in per category) live only while one adapter is injected.
+_SOLVERS: dict[int, tuple[weakref.ref, int, Any]] = {}
+
+
+@functools.wraps(_PEFT_U_AND_LAMBDA)
+def _calculate_frod_u_and_lambda(self, V, W):
+    # a layer being built is not in _accelerated yet: the global flag, or the model's injection, decides
+    if not (_enabled or _injecting_accelerated) or V.device.type != "cpu":
+        return _PEFT_U_AND_LAMBDA(self, V, W)
+    hit = _SOLVERS.get(id(V))
+    if hit is None or hit[0]() is not V or hit[1] != V._version:
+        hit = (weakref.ref(V), V._version, projections._Solver(V, torch.device("cpu")))
+        _SOLVERS[id(V)] = hit
+    return hit[2](W)
+
+
+_injecting_accelerated = False
+
+
+@functools.wraps(_PEFT_INJECT)
+def _inject_adapter(self, *args: Any, **kwargs: Any):
+    global _injecting_accelerated
+    _injecting_accelerated = self in _accelerated
+    try:
+        return _PEFT_INJECT(self, *args, **kwargs)
+    finally:
+        _injecting_accelerated = False
+        _SOLVERS.clear()
