@@ -34,8 +34,12 @@ from ._common import INTERPRET, acc_dtype, autotune, bucket
 def _row_gather_diag_kernel(A, diag, weights, ptr, src, out, n, m, stride_an, stride_am, m_key, n_key,
                             ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr):
     # 64-bit row and column indices: n * m (and a strided A's span) may pass 2^31 elements.
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # One grid axis (CUDA caps axis 1 at 65535 blocks, which many tokens in small column tiles would pass), with
+    # the row-blocks running fastest.
+    pid = tl.program_id(0).to(tl.int64)
+    n_row_blocks = tl.cdiv(n, BLOCK_R)
+    rows = (pid % n_row_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = (pid // n_row_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < n
     cmask = cols[None, :] < m
     col_off = cols[None, :] * stride_am
@@ -93,7 +97,7 @@ def row_gather_diag(A: torch.Tensor, diag: torch.Tensor, weights: torch.Tensor, 
     kernel = _COLS_CONTIGUOUS if A.stride(0) == 1 and A.stride(1) != 1 else _ROWS_CONTIGUOUS
 
     def grid(meta):
-        return (triton.cdiv(n, meta["BLOCK_R"]), triton.cdiv(m, meta["BLOCK_M"]))
+        return (triton.cdiv(n, meta["BLOCK_R"]) * triton.cdiv(m, meta["BLOCK_M"]),)
 
     kernel[grid](A, diag.contiguous(), weights.contiguous(), ptr.contiguous(), src.contiguous(), out, n, m,
                  A.stride(0), A.stride(1), bucket(m), bucket(n), ACC=acc_dtype(A.dtype))
