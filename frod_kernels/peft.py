@@ -317,7 +317,7 @@ def _calculate_frod_u_and_lambda(self, V, W):
         return _PEFT_U_AND_LAMBDA(self, V, W)
     hit = _SOLVERS.get(id(V))
     if hit is None or hit[0]() is not V or hit[1] != V._version:
-        hit = (weakref.ref(V), V._version, projections._Solver(V, torch.device("cpu")))
+        hit = (weakref.ref(V), V._version, projections.VSolver(V, torch.device("cpu")))
         _SOLVERS[id(V)] = hit
     return hit[2](W)
 

@@ -143,7 +143,7 @@ def u_and_lambda(V: Tensor, W: Tensor) -> tuple[Tensor, Tensor]:
     return _normalize_columns(bi)
 
 
-class _Solver:
+class VSolver:
     """Solves ``V B^T = W^T`` for many W with one factorization of V (PEFT factorizes V once per layer)."""
 
     def __init__(self, V: Tensor, device: torch.device):
@@ -316,11 +316,11 @@ def build_projections(weights: Mapping[str, Tensor], *, sparse_rate: float = 0.0
                 # dtype before its float64 solve: U is computed from those roundings.
                 key_set = set(keys)
                 buffer_dtype = weights[next(k for k in weights if k in key_set)].dtype
-                solvers: dict[torch.dtype, _Solver] = {}
+                solvers: dict[torch.dtype, VSolver] = {}
                 for key in keys:
                     w = weights[key]
                     if w.dtype not in solvers:
-                        solvers[w.dtype] = _Solver(V.to(buffer_dtype).to(w.dtype), dev)
+                        solvers[w.dtype] = VSolver(V.to(buffer_dtype).to(w.dtype), dev)
                     proj.U[key], lam = solvers[w.dtype](w)
                     # PEFT makes lambda_l a parameter of the weight's dtype before its adapter autocast to float32.
                     proj.lambda_l[key] = lam.to(w.dtype).float()

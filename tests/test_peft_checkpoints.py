@@ -90,8 +90,8 @@ def test_enable_projection_setup_gives_peft_tensors(build, dtype, monkeypatch):
     real = fkp.projections.build_projections
     monkeypatch.setattr(fkp.projections, "build_projections", lambda *a, **k: calls.append(1) or real(*a, **k))
     solvers = []
-    real_solver = fkp.projections._Solver
-    monkeypatch.setattr(fkp.projections, "_Solver", lambda *a: solvers.append(1) or real_solver(*a))
+    real_solver = fkp.projections.VSolver
+    monkeypatch.setattr(fkp.projections, "VSolver", lambda *a: solvers.append(1) or real_solver(*a))
     fkp.enable()
     with pytest.warns(UserWarning) if build is _gpt2 else _nothing():
         fast = get_peft_model(copy.deepcopy(net), FrodConfig(**config))
