@@ -219,12 +219,17 @@ def _evict(key: tuple):
     return cb
 
 
+# Under torch.compile the cached copies and layout are graph constants: dynamo cannot trace the id/weakref/_version
+# cache lookups (nor the pattern check's .item()). A layer whose frod_V or frod_s_indices is replaced after
+# compiling keeps the old constants until the graph recompiles.
+@torch._dynamo.assume_constant_result
 def _device_copy(src: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     if src.device == device and src.dtype == dtype:
         return src
     return _cached(src, ("to", device, dtype), lambda: src.detach().to(device=device, dtype=dtype))
 
 
+@torch._dynamo.assume_constant_result
 def _device_layout(s_indices: torch.Tensor, device: torch.device, n: int):
     """(s_indices on ``device`` as int64, its packed layout), or None for a pattern the kernels do not take
     (duplicates, diagonal entries: PEFT's coalesce sums duplicates, so such a layer keeps PEFT's forward)."""

@@ -7,6 +7,7 @@ from peft import FrodConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import frod_kernels.peft as fkp
+from frod_kernels.reference import rel_err
 from peft_helpers import trainables
 
 
@@ -30,6 +31,7 @@ def test_fifty_adamw_steps_match_peft():
     model = get_peft_model(LlamaForCausalLM(cfg), FrodConfig(target_modules=["q_proj", "v_proj"], sparse_rate=0.05,
                                                              frod_dropout=0.1, progressbar=False))
     accelerated = copy.deepcopy(model)
+    start = {n: p.detach().clone() for n, p in trainables(model).items()}
     batches = [torch.randint(0, 128, (2, 32))] * 50  # one batch: the loss must fall as it is learnt
     torch.manual_seed(1)  # the same dropout masks in both runs
     ref = _losses(model, batches, False)
@@ -38,6 +40,9 @@ def test_fifty_adamw_steps_match_peft():
     assert torch.isfinite(got).all() and ref[-1] < ref[0]  # it trains
     rel = ((got - ref).abs() / ref.abs()).max().item()
     assert rel <= 1e-4, f"largest per-step relative loss difference {rel:.2e}"
+    # Compared as whole updates, not elementwise: Adam divides by the root of the squared gradient, so an entry
+    # whose gradient is rounding noise moves by about lr either way in both runs; the update as a whole must agree.
     final = {n: p for n, p in trainables(accelerated).items()}
     for n, p in trainables(model).items():
-        assert torch.allclose(final[n], p, rtol=1e-3, atol=1e-5), n
+        err = rel_err(final[n] - start[n], p.detach() - start[n])
+        assert err <= 1e-3, f"{n}: the accelerated update differs by {err:.1e}"
