@@ -58,7 +58,7 @@ PRESETS = {
     "tiny": Sizes("tiny", torch.float32, [(96, 80)], [1, 33], [3, 17],
                   _train_cfg(64, 2, 128, 4, 4, 128, 2, 16), repeats=3, warmup=1, init_repeats=1),
     "cpu": Sizes("cpu", torch.float32, [(1024, 1024)], [8, 128, 512, 2048], [3, 257],
-                 _train_cfg(512, 4, 1376, 8, 8, 2000, 2, 256), repeats=7, warmup=2, init_repeats=3),
+                 _train_cfg(512, 4, 1376, 8, 8, 2000, 2, 256), repeats=11, warmup=2, init_repeats=3),
     "gpu": Sizes("gpu", torch.bfloat16, [(4096, 4096)], [1, 512, 4096, 16384], [3, 257],
                  _train_cfg(2048, 4, 5632, 16, 16, 32000, 4, 1024), repeats=20, warmup=3, init_repeats=1),
     "full": Sizes("full", torch.bfloat16, [(4096, 4096), (4096, 1024), (14336, 4096)], [1, 512, 4096, 16384],
@@ -81,24 +81,39 @@ def synchronize(device: torch.device) -> None:
 
 def measure_time(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> dict:
     """Median, quartiles, min and max of ``fn``'s wall time in milliseconds, after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        fn()
+    return measure_interleaved({"fn": fn}, device, repeats, warmup)["fn"]
+
+
+def measure_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int,
+                        warmup: int) -> dict[str, dict]:
+    """``measure_time`` for several methods at once, timed in rounds that run each method once.
+
+    Side-by-side ratios then see the same machine: a shared or throttling CPU drifts by 10-20% over the seconds
+    one method's repeats take, which timing the methods one after the other would read as a difference between
+    them.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
     synchronize(device)
-    times = []
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(_time_once(fn, device))
+    return {name: summarize(ts) for name, ts in times.items()}
+
+
+def _time_once(fn: Callable[[], object], device: torch.device) -> float:
     if device.type == "cuda":
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-    else:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return summarize(times)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
 
 
 def summarize(times_ms: list[float]) -> dict:
