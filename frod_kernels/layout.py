@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
@@ -87,28 +88,34 @@ def build_layout(s_indices: torch.Tensor, n: int, validate: bool = True) -> Patt
     return PatternLayout(torch.cat(parts), n, nnz)
 
 
-# Keyed by id() with a weakref check: tensors hash by identity but compare elementwise, so a WeakKeyDictionary
-# cannot hold them. A tensor's _version changes with every in-place write, so a rewritten pattern never hits.
-_CACHE: dict[int, tuple[weakref.ref, int, int, PatternLayout]] = {}
+# Derived values keyed by the identity of their source tensor, with a weakref check: tensors hash by identity but
+# compare elementwise, so a WeakKeyDictionary cannot hold them, and id() values are reused once a tensor is freed.
+# A tensor's _version changes with every in-place write, so a rewritten source never hits; an entry is dropped when
+# its source is freed.
+_CACHE: dict[tuple, tuple[weakref.ref, int, Any]] = {}
 
 
-def pattern_layout(s_indices: torch.Tensor, n: int) -> PatternLayout:
-    """The cached layout of ``s_indices`` (built on first use, validated then)."""
-    key = id(s_indices)
+def cached_derived(src: torch.Tensor, tag: tuple, build: Callable[[], Any]) -> Any:
+    """``build()``'s value for ``(src, tag)``, built on first use and kept until ``src`` is freed or written."""
+    key = (id(src),) + tag
     # inference tensors carry no version counter, and cannot be written outside inference mode either
-    version = -1 if s_indices.is_inference() else s_indices._version
+    version = -1 if src.is_inference() else src._version
     hit = _CACHE.get(key)
-    if hit is not None and hit[0]() is s_indices and hit[1] == version and hit[2] == n:
-        return hit[3]
-    layout = build_layout(s_indices, n)
-    _CACHE[key] = (weakref.ref(s_indices, _evict(key)), version, n, layout)
-    return layout
+    if hit is not None and hit[0]() is src and hit[1] == version:
+        return hit[2]
+    value = build()
+    _CACHE[key] = (weakref.ref(src, _evict(key)), version, value)
+    return value
 
 
-def _evict(key: int):
+def _evict(key: tuple):
     def cb(ref: weakref.ref) -> None:
-        # id() values are reused: drop the entry only if it is still the one this reference belongs to.
         if _CACHE.get(key, (None,))[0] is ref:
             del _CACHE[key]
 
     return cb
+
+
+def pattern_layout(s_indices: torch.Tensor, n: int) -> PatternLayout:
+    """The cached layout of ``s_indices`` (built on first use, validated then)."""
+    return cached_derived(s_indices, ("layout", n), lambda: build_layout(s_indices, n))

@@ -44,7 +44,7 @@ except ImportError as e:  # peft is optional for frod-kernels itself
     raise ImportError("frod_kernels.peft needs PEFT with FRoD support (pip install 'peft>=0.20')") from e
 
 from . import projections
-from .layout import build_layout, check_pattern
+from .layout import build_layout, cached_derived, check_pattern
 from .ops import frod_linear
 
 __all__ = ["accelerate", "disable", "enable", "is_enabled"]
@@ -193,32 +193,6 @@ def _fusable_adapter(layer, x) -> Optional[str]:
     return active[0]
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Caches of derived tensors, keyed by the identity of their source tensor (PEFT's CPU buffers, or whatever
-# model.to() replaced them with). A source written in place bumps its _version, so a stale entry never hits; an
-# entry is dropped when its source is freed. id() is safe with the weakref check (ids are reused).
-
-_CACHE: dict[tuple, tuple[weakref.ref, int, Any]] = {}
-
-
-def _cached(src: torch.Tensor, tag: tuple, build: Callable[[], Any]) -> Any:
-    key = (id(src),) + tag
-    hit = _CACHE.get(key)
-    if hit is not None and hit[0]() is src and hit[1] == src._version:
-        return hit[2]
-    value = build()
-    _CACHE[key] = (weakref.ref(src, _evict(key)), src._version, value)
-    return value
-
-
-def _evict(key: tuple):
-    def cb(ref: weakref.ref) -> None:
-        if _CACHE.get(key, (None,))[0] is ref:
-            del _CACHE[key]
-
-    return cb
-
-
 # Under torch.compile the cached copies and layout are graph constants: dynamo cannot trace the id/weakref/_version
 # cache lookups (nor the pattern check's .item()). A layer whose frod_V or frod_s_indices is replaced after
 # compiling keeps the old constants until the graph recompiles.
@@ -226,7 +200,7 @@ def _evict(key: tuple):
 def _device_copy(src: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     if src.device == device and src.dtype == dtype:
         return src
-    return _cached(src, ("to", device, dtype), lambda: src.detach().to(device=device, dtype=dtype))
+    return cached_derived(src, ("to", device, dtype), lambda: src.detach().to(device=device, dtype=dtype))
 
 
 @torch._dynamo.assume_constant_result
@@ -241,7 +215,7 @@ def _device_layout(s_indices: torch.Tensor, device: torch.device, n: int):
             return None
         return idx, build_layout(idx, n, validate=False).packed
 
-    return _cached(s_indices, ("layout", device, n), build)
+    return cached_derived(s_indices, ("peft-layout", device, n), build)
 
 
 # ---------------------------------------------------------------------------------------------------------------
