@@ -63,7 +63,9 @@ setup(
     python_requires=">=3.11",
     install_requires=["torch>=2.6", "transformers>=4.45", "peft>=0.20", "tqdm", "safetensors"],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist", "hypothesis>=6.100", "triton>=3.2; platform_system == 'Linux'"],
+        # matplotlib: the tests run frod-bench end to end, plots included
+        "test": ["pytest>=8", "pytest-xdist", "hypothesis>=6.100", "matplotlib>=3.8",
+                 "triton>=3.2; platform_system == 'Linux'"],
         "bench": ["matplotlib>=3.8", "triton>=3.2; platform_system == 'Linux'"],
     },
     entry_points={"console_scripts": ["frod-bench = frod_kernels.bench.__main__:main"]},
