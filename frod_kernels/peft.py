@@ -23,11 +23,20 @@ Everything else (several active adapters, merged, disabled adapters, an invalid 
 PEFT keeps ``frod_V`` and ``frod_s_indices`` on the CPU and copies them to the activations' device on every call;
 here the device/dtype copies and the packed pattern layout are cached per shared tensor (one V per category on
 the device, not one per layer) and rebuilt only when the source tensor is replaced or written in place.
+
+Checkpoints (``PeftModel.save_pretrained`` / ``load_adapter``, hence ``from_pretrained``, wrapped the same way): an
+accelerated model saves a fingerprint of each adapter's projections next to its ``adapter_config.json``
+(:mod:`frod_kernels.fingerprint`; plain PEFT ignores the file), and loading into an accelerated model compares
+the projections PEFT built with the fingerprint and raises ``ValueError`` when they differ, instead of training
+on another basis than the adapter was trained with.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
+import os
+import warnings
 import weakref
 from typing import Any, Callable, Optional
 
@@ -36,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 try:
+    from peft import peft_model as _peft_peft_model
     from peft.tuners.frod import layer as _peft_layer
     from peft.tuners.frod import model as _peft_model
     from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
@@ -43,7 +53,7 @@ try:
 except ImportError as e:  # peft is optional for frod-kernels itself
     raise ImportError("frod_kernels.peft needs PEFT with FRoD support (pip install 'peft>=0.20')") from e
 
-from . import projections
+from . import fingerprint, projections
 from .layout import build_layout, cached_derived, check_pattern
 from .ops import frod_linear
 
@@ -56,6 +66,9 @@ _PEFT_INIT_PROJECTIONS = _FrodModel._init_frod_projections
 _PEFT_CREATE_AND_REPLACE = _FrodModel._create_and_replace
 _PEFT_U_AND_LAMBDA = _peft_layer.FrodLayer._calculate_frod_u_and_lambda
 _PEFT_INJECT = _FrodModel.inject_adapter  # BaseTuner's: FrodModel inherits it
+_PeftModel = _peft_peft_model.PeftModel
+_PEFT_SAVE = _PeftModel.save_pretrained
+_PEFT_LOAD_ADAPTER = _PeftModel.load_adapter
 
 _enabled = False
 # the FRoD layers (and FrodModels) that accelerate() covers
@@ -125,6 +138,8 @@ def _install() -> None:
     _FrodModel._create_and_replace = _create_and_replace
     _FrodModel.inject_adapter = _inject_adapter
     _peft_layer.FrodLayer._calculate_frod_u_and_lambda = _calculate_frod_u_and_lambda
+    _PeftModel.save_pretrained = _save_pretrained
+    _PeftModel.load_adapter = _load_adapter
 
 
 def _uninstall() -> None:
@@ -134,6 +149,8 @@ def _uninstall() -> None:
     if "inject_adapter" in vars(_FrodModel):
         del _FrodModel.inject_adapter
     _peft_layer.FrodLayer._calculate_frod_u_and_lambda = _PEFT_U_AND_LAMBDA
+    _PeftModel.save_pretrained = _PEFT_SAVE
+    _PeftModel.load_adapter = _PEFT_LOAD_ADAPTER
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -313,3 +330,73 @@ def _inject_adapter(self, *args: Any, **kwargs: Any):
     finally:
         _injecting_accelerated = False
         _SOLVERS.clear()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoint fingerprints
+
+
+def _frod_tuner(peft_model) -> Optional[nn.Module]:
+    tuner = getattr(peft_model, "base_model", None)
+    return tuner if isinstance(tuner, _FrodModel) and _on(tuner) else None
+
+
+@functools.wraps(_PEFT_SAVE)
+def _save_pretrained(self, save_directory, *args: Any, **kwargs: Any):
+    out = _PEFT_SAVE(self, save_directory, *args, **kwargs)
+    bound = inspect.signature(_PEFT_SAVE).bind(self, save_directory, *args, **kwargs)
+    bound.apply_defaults()
+    tuner = _frod_tuner(self)
+    if tuner is None or not bound.arguments["is_main_process"]:
+        return out
+    for name in bound.arguments["selected_adapters"] or list(self.peft_config):
+        # PEFT's layout: the default adapter in the directory itself, any other in a subdirectory of its name
+        directory = os.path.join(save_directory, name) if name != "default" else save_directory
+        fingerprint.write(directory, fingerprint.adapter_fingerprint(tuner, name))
+    return out
+
+
+@functools.wraps(_PEFT_LOAD_ADAPTER)
+def _load_adapter(self, model_id, adapter_name, *args: Any, **kwargs: Any):
+    out = _PEFT_LOAD_ADAPTER(self, model_id, adapter_name, *args, **kwargs)
+    tuner = _frod_tuner(self)
+    if tuner is not None:
+        subfolder = kwargs.get("subfolder")
+        _verify(tuner, adapter_name, os.path.join(model_id, subfolder) if subfolder else str(model_id),
+                self.peft_config[adapter_name].save_projection)
+    return out
+
+
+def _verify(tuner, adapter_name: str, directory: str, save_projection: bool) -> None:
+    """Raise ValueError when the projections PEFT built for ``adapter_name`` are not the ones its checkpoint in
+    ``directory`` was trained with. With ``save_projection=True`` V and the pattern come from the checkpoint, but
+    PEFT computes U before loading them, from the V it regenerated: the fingerprint's U check catches that too."""
+    saved = fingerprint.read(directory) if os.path.isdir(directory) else None
+    if saved is None:
+        if not save_projection:
+            where = ("has no " + fingerprint.SIDECAR_NAME if os.path.isdir(directory)
+                     else "is not a local directory (only local checkpoints are verified)")
+            warnings.warn(f"FRoD adapter checkpoint {directory!r} was saved with save_projection=False and {where}: "
+                          "its regenerated projections cannot be verified against the ones it was trained with. "
+                          "Save adapters with save_projection=True, or with frod_kernels.peft acceleration on, to "
+                          "make them verifiable.", UserWarning, stacklevel=3)
+        return
+    weights = fingerprint.weights_sha256(directory)
+    if saved.get("weights_sha256") and weights is not None and weights[1] != saved["weights_sha256"]:
+        warnings.warn(f"FRoD adapter checkpoint {directory!r}: {fingerprint.SIDECAR_NAME} is stale (the adapter "
+                      "weights were re-saved without frod_kernels.peft acceleration), so the regenerated "
+                      "projections cannot be verified", UserWarning, stacklevel=3)
+        return
+    diffs = fingerprint.compare(saved, fingerprint.adapter_fingerprint(tuner, adapter_name))
+    if not diffs:
+        return
+    then = ", ".join(f"{k} {v}" for k, v in saved.get("versions", {}).items())
+    now = ", ".join(f"{k} {v}" for k, v in fingerprint.versions().items())
+    shown = diffs[:12] + ([f"... and {len(diffs) - 12} more"] if len(diffs) > 12 else [])
+    raise ValueError(
+        f"FRoD adapter checkpoint {directory!r} (adapter {adapter_name!r}) was trained with other projections than "
+        "the ones built for it here:\n  - " + "\n  - ".join(shown) + "\n"
+        f"Saved with {then}; loading with {now}. Likely causes: other base model weights than the adapter was "
+        "trained on, another projection_prng_key, or another library version or BLAS thread count (PEFT's V is "
+        "not reproducible across them). Save the adapter with FrodConfig(save_projection=True) so the checkpoint "
+        "carries its projections; to load without this check, call frod_kernels.peft.disable() first.")
