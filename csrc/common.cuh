@@ -40,6 +40,18 @@ template <typename T, int VEC> struct alignas(sizeof(T) * VEC) Vec { T v[VEC]; }
 // L lanes of a group split the columns (lane l takes vectors l, l + L, ..., kR of them per segment); the G groups
 // split the row's nonzeros. Short rows (few tokens) thus still keep every lane busy, long rows are cut into
 // segments of L * kR vectors spread over gridDim.y.
+// One thread's place in that layout: the output row its warp owns, and its group g (of G) and lane l (of L).
+struct WarpLanes {
+  int64_t r;
+  int L, G, g, l;
+  __device__ explicit WarpLanes(int log_l)
+      : r(static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x / kWarp)),
+        L(1 << log_l),
+        G(kWarp >> log_l),
+        g(static_cast<int>(threadIdx.x % kWarp) >> log_l),
+        l(static_cast<int>(threadIdx.x % kWarp) & ((1 << log_l) - 1)) {}
+};
+
 struct Plan {
   int vec;        // elements per vector load: 16 bytes, or 1 where alignment does not allow it
   int log_l;      // log2 L

@@ -15,13 +15,10 @@ sampled_dot_diag_kernel(const T* __restrict__ P, int64_t ldp, const T* __restric
                         int64_t nnz, int64_t m_vec, int log_l, int64_t n_seg) {
   using acc_t = typename Acc<T>::type;
   using V = Vec<T, VEC>;
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x / kWarp);
+  const WarpLanes lanes(log_l);
+  const int64_t r = lanes.r;
   if (r >= n) return;  // whole warps only: the shuffles below need all 32 lanes of a live warp
-  const int lane = threadIdx.x % kWarp;
-  const int L = 1 << log_l;
-  const int G = kWarp >> log_l;
-  const int g = lane >> log_l;
-  const int l = lane & (L - 1);
+  const int L = lanes.L, G = lanes.G, g = lanes.g, l = lanes.l;
   const int64_t beg = ptr[r];
   // Entry 0 is the diagonal (Q row r), entry e >= 1 the nonzero beg + e - 1.
   const int64_t n_ent = ptr[r + 1] - beg + 1;
