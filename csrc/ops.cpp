@@ -57,6 +57,17 @@ void check_index(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK_VALUE(t.dim() == 1, op, ": ", name, ": expected a 1-D tensor, got shape ", t.sizes());
 }
 
+// The grouping both kernels walk: ptr (n + 1 group offsets) and src (one source row per nonzero), int64 on the
+// operand's device. Returns nnz.
+int64_t check_groups(const at::Tensor& ptr, const at::Tensor& src, int64_t n, const at::Tensor& like, const char* op) {
+  check_index(ptr, op, "ptr");
+  check_index(src, op, "src");
+  check_vector(ptr, n + 1, op, "ptr");
+  check_on(ptr, like, op, "ptr");
+  check_on(src, like, op, "src");
+  return src.size(0);
+}
+
 // The kernels read whole rows with unit stride (any row stride). A transposed operand (the engine's U^T) is
 // copied once: that costs two passes over n x m, against (n + nnz) x m gathered reads that would otherwise each
 // touch a separate 32-byte sector.
@@ -73,16 +84,11 @@ at::Tensor row_gather_diag_cuda(const at::Tensor& A, const at::Tensor& diag, con
   TORCH_CHECK_VALUE(A.dim() == 2, op, ": A: expected a 2-D tensor, got shape ", A.sizes());
   const DType dt = dtype_of(A, op, "A");
   const int64_t n = A.size(0), m = A.size(1);
-  check_index(ptr, op, "ptr");
-  check_index(src, op, "src");
-  check_vector(ptr, n + 1, op, "ptr");
-  const int64_t nnz = src.size(0);
+  const int64_t nnz = check_groups(ptr, src, n, A, op);
   check_vector(diag, n, op, "diag");
   check_vector(weights, nnz, op, "weights");
   check_on(diag, A, op, "diag");
   check_on(weights, A, op, "weights");
-  check_on(ptr, A, op, "ptr");
-  check_on(src, A, op, "src");
   const c10::cuda::CUDAGuard guard(A.device());
   at::Tensor out = at::empty({n, m}, A.options());
   if (n == 0 || m == 0) return out;
@@ -107,13 +113,8 @@ std::tuple<at::Tensor, at::Tensor> sampled_dot_diag_cuda(const at::Tensor& P, co
                    " (that of P), got ", Q.scalar_type());
   const DType dt = dtype_of(P, op, "P");
   const int64_t n = P.size(0), m = P.size(1);
-  check_index(ptr, op, "ptr");
-  check_index(src, op, "src");
-  check_vector(ptr, n + 1, op, "ptr");
-  const int64_t nnz = src.size(0);
+  const int64_t nnz = check_groups(ptr, src, n, P, op);
   check_on(Q, P, op, "Q");
-  check_on(ptr, P, op, "ptr");
-  check_on(src, P, op, "src");
   const c10::cuda::CUDAGuard guard(P.device());
   const auto acc_opts = P.options().dtype(acc_type(P));
   at::Tensor vals = at::empty({nnz}, acc_opts);

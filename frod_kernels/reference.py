@@ -48,3 +48,22 @@ def reference_grads(x, V, U, lambda_l, s_values, s_indices, bias, grad_out):
     y = reference_forward(x64, V.detach().double().cpu(), U.detach().double().cpu(), l64, s64, s_indices, b64)
     y.backward(grad_out.detach().double().cpu())
     return y.detach(), x64.grad, l64.grad, s64.grad, (None if b64 is None else b64.grad)
+
+
+def _group_of(ptr: torch.Tensor) -> torch.Tensor:
+    """The group (output row) of every grouped nonzero, from the group offsets."""
+    ptr = ptr.cpu()
+    return torch.repeat_interleave(torch.arange(ptr.numel() - 1), ptr.diff())
+
+
+def reference_row_gather_diag(A, diag, weights, ptr, src) -> torch.Tensor:
+    """Float64 twin of ``frod::row_gather_diag``: ``out[r] = diag[r] A[r] + sum_{k in group r} weights[k] A[src[k]]``."""
+    a = A.detach().double().cpu()
+    out = diag.detach().double().cpu()[:, None] * a
+    return out.index_add_(0, _group_of(ptr), weights.detach().double().cpu()[:, None] * a[src.cpu()])
+
+
+def reference_sampled_dot_diag(P, Q, ptr, src) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float64 twin of ``frod::sampled_dot_diag``: ``(<P[a_k], Q[src[k]]> per nonzero, <P[j], Q[j]> per row)``."""
+    p, q = P.detach().double().cpu(), Q.detach().double().cpu()
+    return (p[_group_of(ptr)] * q[src.cpu()]).sum(1), (p * q).sum(1)
