@@ -1,8 +1,12 @@
 """Projection setup, side by side: PEFT's ``get_peft_model(model, FrodConfig(...))`` against
 ``frod_kernels.projections.build_projections`` on the same Llama-shaped model (FRoD on ``q_proj``, square, and
 ``v_proj``, quarter width), each method in its own subprocess so its peak memory (VmHWM, reset before setup) is its
-own. Then the results are compared: ``s_indices`` exactly, ``V``/``U``/``lambda_l`` element-wise, and
-``U diag(lambda_l) V^T`` against each base weight.
+own. ``frod_kernels`` is the exact route (PEFT's V bitwise), ``frod_kernels_fast`` the fast one
+(``method="fast"``: V an eigenbasis of PEFT's problem but not PEFT's tensor, for saved projections). Then the
+results are compared: ``s_indices`` exactly, ``V``/``U``/``lambda_l`` element-wise (columns' signs aligned with
+PEFT's first: eigh may choose either), ``U diag(lambda_l) V^T`` against each base weight, and (``--eigen-check``)
+every V, PEFT's included, against a float64 reference of PEFT's eigenproblem, in measures that no free choice of
+eigh changes (:func:`frod_kernels.reference.eigenbasis_error`).
 
     python bench/init_projections.py                       # width 1024, 16 layers (about a minute on 2 cores)
     python bench/init_projections.py --hidden 2048         # the issue's target size
@@ -23,7 +27,7 @@ import sys
 import tempfile
 import time
 
-METHODS = ("peft", "frod_kernels")
+METHODS = ("peft", "frod_kernels", "frod_kernels_fast")
 TARGETS = ("q_proj", "v_proj")
 
 
@@ -91,7 +95,7 @@ def _worker(method: str, hidden: int, layers: int, device: str | None, sparse_ra
         weights = {k: m.weight for k, m in model.named_modules()
                    if isinstance(m, torch.nn.Linear) and k.rsplit(".", 1)[-1] in TARGETS}
         projs = build_projections(weights, sparse_rate=sparse_rate, projection_prng_key=seed, progressbar=False,
-                                  device=device)
+                                  device=device, method="fast" if method == "frod_kernels_fast" else "exact")
         if device is not None and torch.device(device).type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - t0
@@ -110,11 +114,14 @@ def _compare(ref: dict, got: dict, weights: dict) -> dict:
 
     from frod_kernels.reference import rel_err
 
+    # eigh's sign of each column is free: align with PEFT's before comparing (U's columns flip with V's)
+    sign = {c: torch.where((got["V"][c] * ref["V"][c]).sum(0) < 0, -1.0, 1.0) for c in ref["V"]}
     out = {"s_indices_equal": all(torch.equal(ref["s_indices"][c], got["s_indices"][c]) for c in ref["s_indices"]),
            "V_bitwise": all(torch.equal(ref["V"][c], got["V"][c]) for c in ref["V"]),
-           "V_max_rel": max(rel_err(got["V"][c], ref["V"][c]) for c in ref["V"]),
+           "V_columns_flipped": int(sum((s < 0).sum() for s in sign.values())),
+           "V_max_rel": max(rel_err(got["V"][c] * sign[c], ref["V"][c]) for c in ref["V"]),
            "U_bitwise": all(torch.equal(ref["U"][k], got["U"][k]) for k in ref["U"]),
-           "U_max_rel": max(rel_err(got["U"][k], ref["U"][k]) for k in ref["U"]),
+           "U_max_rel": max(rel_err(got["U"][k] * sign[_category(k)], ref["U"][k]) for k in ref["U"]),
            "lambda_bitwise": all(torch.equal(ref["lambda_l"][k], got["lambda_l"][k]) for k in ref["lambda_l"]),
            "lambda_max_rel": max(rel_err(got["lambda_l"][k], ref["lambda_l"][k]) for k in ref["lambda_l"])}
     recon = 0.0
@@ -125,6 +132,19 @@ def _compare(ref: dict, got: dict, weights: dict) -> dict:
     return out
 
 
+def _eigen_check(tensors: dict, weights: dict) -> dict:
+    from frod_kernels.reference import eigenbasis_error, reference_frod_eigenproblem
+
+    out: dict = {m: {} for m in tensors}
+    for cat in next(iter(tensors.values()))["V"]:
+        keys = sorted((k for k in weights if _category(k) == cat), key=lambda k: int(k.split(".")[2]))
+        R, T = reference_frod_eigenproblem([weights[k] for k in keys], 1e-3)
+        for method, t in tensors.items():
+            for measure, value in eigenbasis_error(t["V"][cat], R, T).items():
+                out[method][measure] = max(out[method].get(measure, 0.0), value)
+    return out
+
+
 def _category(key: str) -> str:
     from frod_kernels.projections import category_from_key
 
@@ -132,12 +152,15 @@ def _category(key: str) -> str:
 
 
 def bench_init(hidden: int = 1024, layers: int = 16, device: str | None = None, sparse_rate: float = 0.01,
-               seed: int = 0, methods=METHODS, threads: int | None = None, timeout_s: float = 900) -> dict:
+               seed: int = 0, methods=METHODS, threads: int | None = None, timeout_s: float = 900,
+               eigen_check: bool = False) -> dict:
     """Time each method's projection setup in its own subprocess and compare the tensors.
 
     Returns ``{"config": ..., "env": ..., "results": {method: {"seconds", "peak_extra_mib", "peak_rss_mib"}},
-    "speedup_vs_peft": float | None, "parity": {...} | None}`` (parity: frod_kernels against PEFT, when both ran;
-    with the reconstruction error of ``U diag(lambda_l) V^T`` against the base weights). ``threads``: torch threads
+    "speedup_vs_peft": {method: float}, "parity": {method: {...}}, "eigenbasis_error_vs_float64": ... | None}``
+    (parity: each frod_kernels method against PEFT, when both ran, with the reconstruction error of
+    ``U diag(lambda_l) V^T`` against the base weights; ``eigen_check``: every method's V against a float64
+    reference of PEFT's eigenproblem, the worst category per measure). ``threads``: torch threads
     in both workers (default torch's); one thread measures the work itself, free of the waits that other load on
     the machine causes at the thread barriers of multi-threaded LAPACK.
     """
@@ -154,7 +177,7 @@ def bench_init(hidden: int = 1024, layers: int = 16, device: str | None = None, 
                    "--layers", str(layers), "--sparse-rate", str(sparse_rate), "--seed", str(seed), "--_out", path]
             if threads:
                 cmd += ["--threads", str(threads)]
-            if device is not None and method == "frod_kernels":
+            if device is not None and method != "peft":
                 cmd += ["--device", str(device)]
             # Other work on a shared machine slows BLAS/LAPACK's threads badly (their barriers wait for a core):
             # the 1-minute load average before each method says how much to trust its time.
@@ -171,10 +194,10 @@ def bench_init(hidden: int = 1024, layers: int = 16, device: str | None = None, 
     model = _model(hidden, layers)
     weights = {k: m.weight.detach() for k, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and k.rsplit(".", 1)[-1] in TARGETS}
-    parity = _compare(tensors["peft"], tensors["frod_kernels"], weights) if len(tensors) == 2 else None
-    speedup = None
-    if "seconds" in results.get("peft", {}) and "seconds" in results.get("frod_kernels", {}):
-        speedup = results["peft"]["seconds"] / results["frod_kernels"]["seconds"]
+    parity = {m: _compare(tensors["peft"], tensors[m], weights) for m in tensors if m != "peft" and "peft" in tensors}
+    speedup = {m: results["peft"]["seconds"] / r["seconds"] for m, r in results.items()
+               if m != "peft" and "seconds" in r and "seconds" in results.get("peft", {})}
+    eigen = _eigen_check(tensors, weights) if eigen_check else None
     return {
         "config": {"hidden": hidden, "layers": layers, "targets": list(TARGETS), "sparse_rate": sparse_rate,
                    "projection_prng_key": seed, "device": device or "cpu", "threads": threads or "default"},
@@ -185,6 +208,7 @@ def bench_init(hidden: int = 1024, layers: int = 16, device: str | None = None, 
         "results": results,
         "speedup_vs_peft": speedup,
         "parity": parity,
+        "eigenbasis_error_vs_float64": eigen,
     }
 
 
@@ -193,19 +217,21 @@ def _table(report: dict) -> str:
     lines = [f"projection setup: {cfg['layers']} layers, width {cfg['hidden']}, FRoD on q_proj + quarter-width "
              f"v_proj, sparse_rate {cfg['sparse_rate']}, device {cfg['device']}, threads {cfg['threads']}",
              f"{env['date']}  torch {env['torch']}  {env['cpus']} CPUs  gpu {env['gpu']}",
-             f"{'method':<14}{'seconds':>10}{'peak extra MiB':>16}{'peak RSS MiB':>14}{'load before':>13}"]
+             f"{'method':<18}{'seconds':>10}{'peak extra MiB':>16}{'peak RSS MiB':>14}{'load before':>13}"]
     for method, r in report["results"].items():
         if "error" in r:
-            lines.append(f"{method:<14}  error: {r['error']}")
+            lines.append(f"{method:<18}  error: {r['error']}")
             continue
         extra = f"{r['peak_extra_mib']:.0f}" if r["peak_extra_mib"] is not None else "n/a"
-        lines.append(f"{method:<14}{r['seconds']:>10.2f}{extra:>16}{r['peak_rss_mib']:>14.0f}"
+        lines.append(f"{method:<18}{r['seconds']:>10.2f}{extra:>16}{r['peak_rss_mib']:>14.0f}"
                      f"{r['load_avg_before']:>13.2f}")
-    if report["speedup_vs_peft"]:
-        lines.append(f"speedup vs PEFT: {report['speedup_vs_peft']:.2f}x")
-    if report["parity"]:
-        lines.append("parity vs PEFT: " + ", ".join(
-            f"{k}={v:.2e}" if isinstance(v, float) else f"{k}={v}" for k, v in report["parity"].items()))
+    for method, speedup in (report["speedup_vs_peft"] or {}).items():
+        lines.append(f"{method}: {speedup:.2f}x faster than PEFT")
+    for method, parity in (report["parity"] or {}).items():
+        lines.append(f"{method} vs PEFT: " + ", ".join(
+            f"{k}={v:.2e}" if isinstance(v, float) else f"{k}={v}" for k, v in parity.items()))
+    for method, errors in (report["eigenbasis_error_vs_float64"] or {}).items():
+        lines.append(f"{method} V vs float64 eigenproblem: " + ", ".join(f"{k}={v:.2e}" for k, v in errors.items()))
     return "\n".join(lines)
 
 
@@ -218,6 +244,8 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--threads", type=int, default=None, help="torch threads in both methods (default torch's)")
+    ap.add_argument("--eigen-check", action="store_true",
+                    help="also hold every V to a float64 reference of PEFT's eigenproblem (slow: float64 QR)")
     ap.add_argument("--json", help="also write the report here")
     ap.add_argument("--_worker", help=argparse.SUPPRESS)
     ap.add_argument("--_out", help=argparse.SUPPRESS)
@@ -227,7 +255,7 @@ def main(argv=None) -> None:
                 args.threads)
         return
     report = bench_init(hidden=args.hidden, layers=args.layers, device=args.device, sparse_rate=args.sparse_rate,
-                        seed=args.seed, methods=args.methods, threads=args.threads)
+                        seed=args.seed, methods=args.methods, threads=args.threads, eigen_check=args.eigen_check)
     print(_table(report))
     if args.json:
         with open(args.json, "w") as f:

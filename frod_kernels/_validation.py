@@ -202,8 +202,12 @@ def _is_real(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def check_layer_options(*, sparse_rate, seed, dropout, adapter_dtype, regularization_alpha) -> None:
+def check_layer_options(*, sparse_rate, seed, dropout, adapter_dtype, regularization_alpha,
+                        projection_method="exact") -> None:
     """The scalar options shared by ``FrodLinear.from_linear`` and ``replace_linears``."""
+    if projection_method not in ("exact", "fast"):
+        raise ValueError(f"projection_method: expected 'exact' (PEFT's V, bitwise) or 'fast' (saved projections), "
+                         f"got {projection_method!r}")
     if not _is_real(sparse_rate) or not 0.0 <= sparse_rate <= 1.0:
         raise ValueError(f"sparse_rate: expected a fraction in [0, 1] (of the in x in positions that train), "
                          f"got {sparse_rate!r}")

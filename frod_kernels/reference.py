@@ -67,3 +67,37 @@ def reference_sampled_dot_diag(P, Q, ptr, src) -> tuple[torch.Tensor, torch.Tens
     """Float64 twin of ``frod::sampled_dot_diag``: ``(<P[a_k], Q[src[k]]> per nonzero, <P[j], Q[j]> per row)``."""
     p, q = P.detach().double().cpu(), Q.detach().double().cpu()
     return (p[_group_of(ptr)] * q[src.cpu()]).sum(1), (p * q).sum(1)
+
+
+def reference_frod_eigenproblem(weights, regularization_alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's construction of a category's V (DESIGN.md section 1) in float64, stopped before its eigh: ``(R, T)``
+    with ``A = Q R`` the stacked weights (each (out, in), at least as many rows as columns in all) and
+    ``T = mean_l inv(Q_l^T Q_l + alpha I)``, so that PEFT's V is ``R^T eigvecs(T)``, eigenvalues ascending."""
+    A = torch.cat([w.detach().double().cpu() for w in weights])
+    if A.shape[0] < A.shape[1]:
+        raise ValueError(f"weights: PEFT takes its SVD route for {A.shape[0]} stacked rows < {A.shape[1]} columns")
+    Q, R = torch.linalg.qr(A)
+    eye = torch.eye(A.shape[1], dtype=torch.float64)
+    T = torch.zeros_like(eye)
+    start = 0
+    for w in weights:
+        block = Q[start:start + w.shape[0]]
+        start += w.shape[0]
+        T += torch.linalg.inv(block.T @ block + regularization_alpha * eye)
+    return R, T / len(weights)
+
+
+def eigenbasis_error(V: torch.Tensor, R: torch.Tensor, T: torch.Tensor) -> dict[str, float]:
+    """How far ``V`` is from being PEFT's basis ``R^T eigvecs(T)`` (:func:`reference_frod_eigenproblem`), in
+    measures that do not depend on what eigh may choose freely (each column's sign, the basis inside near-equal
+    eigenvalues): with ``E = R^-T V``, its distance from orthonormal, how far ``E^T T E`` is from diagonal, and how
+    far its diagonal falls from ascending, relative to ``||T||``."""
+    E = torch.linalg.solve_triangular(R.T, V.detach().double().cpu(), upper=False)
+    n = E.shape[1]
+    D = E.T @ T @ E
+    diag = D.diagonal()
+    return {
+        "orthonormality": ((E.T @ E - torch.eye(n, dtype=torch.float64)).norm() / n ** 0.5).item(),
+        "off_diagonal": ((D - torch.diag(diag)).norm() / T.norm()).item(),
+        "descent": (torch.clamp(diag[:-1] - diag[1:], min=0).max() / T.norm()).item() if n > 1 else 0.0,
+    }

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from frod_kernels import projections as P
-from frod_kernels.reference import rel_err
+from frod_kernels.reference import eigenbasis_error, reference_frod_eigenproblem, rel_err
 
 peft_frod_model = pytest.importorskip("peft.tuners.frod.model")
 from peft import FrodConfig, get_peft_model  # noqa: E402
@@ -216,6 +216,11 @@ def test_gpu_route():
     for name, proj in gpu.items():
         assert proj.V.device.type == "cpu" and proj.V.dtype == torch.float32
         assert torch.equal(proj.s_indices, cpu[name].s_indices)
+        # an eigenbasis of PEFT's problem at least as accurate as PEFT's float32 one (signs and near-equal
+        # eigenvalues' bases are free)
+        R, T = reference_frod_eigenproblem([weights[k] for k in proj.keys], 1e-3)
+        exact, ours = eigenbasis_error(cpu[name].V, R, T), eigenbasis_error(proj.V, R, T)
+        assert all(ours[m] <= 4 * exact[m] + 1e-6 for m in exact), (name, ours, exact)
         for key in proj.keys:
             rebuilt = (proj.U[key] * proj.lambda_l[key]) @ proj.V.T
             assert rel_err(rebuilt, weights[key]) <= 1e-5, key

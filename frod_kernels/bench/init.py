@@ -6,8 +6,10 @@ too).
 
 PEFT's time includes wrapping the modules, which is small next to its decompositions. Each PEFT run starts from a
 fresh copy of the model, so nothing carries over. Each frod-kernels row also says how far its V, U and pattern
-are from PEFT's (largest relative difference over categories and layers): the CPU route is meant to match PEFT
-to rounding, the CUDA route only to the eigenproblem's conditioning (see :mod:`frod_kernels.projections`).
+are from PEFT's (largest relative difference over categories and layers, V's and U's column signs aligned with
+PEFT's first): the exact CPU route matches PEFT bitwise, the fast CPU route (``method="fast"``) and the CUDA route
+only up to the eigenproblem's conditioning (see :mod:`frod_kernels.projections`); ``bench/init_projections.py
+--eigen-check`` holds them to a float64 reference instead.
 """
 
 from __future__ import annotations
@@ -29,12 +31,14 @@ PEFT_INIT = "PEFT get_peft_model(FrodConfig)"
 PEFT_ENABLED = "PEFT get_peft_model + frod_kernels.peft.enable()"
 
 
-def fk_init(device: str) -> str:
-    return f"frod_kernels build_projections ({device})"
+def fk_init(route: str) -> str:
+    return f"frod_kernels build_projections ({route})"
 
 
-def _routes(device: torch.device) -> list[str]:
-    return ["cpu"] + (["cuda"] if device.type == "cuda" else [])
+def _routes(device: torch.device) -> list[tuple[str, str, str]]:
+    """(label, device, method) of each build_projections route to time."""
+    return [("cpu", "cpu", "exact"), ("cpu, fast", "cpu", "fast")] + (
+        [("cuda", "cuda", "exact")] if device.type == "cuda" else [])
 
 
 def n_steps(sizes: Sizes, device: torch.device) -> int:
@@ -111,12 +115,14 @@ def _difference_from_peft(projections: dict, peft_model) -> dict:
     same_pattern = True
     for name, proj in projections.items():
         V = base.frod_V[name]["default"]
-        v_err = max(v_err, rel_err(proj.V.to(V.dtype), V))
+        # eigh's sign of each column is free (the fast and CUDA routes' differ): align with PEFT's first
+        sign = torch.where((proj.V.to(V.dtype) * V).sum(0) < 0, -1.0, 1.0).to(V.dtype)
+        v_err = max(v_err, rel_err(proj.V.to(V.dtype) * sign, V))
         same_pattern &= torch.equal(proj.s_indices.cpu(), base.frod_s_indices[name]["default"].cpu())
         for key in proj.keys:
             layer = base.model.get_submodule(key)
             U = layer.frod_U["default"]
-            u_err = max(u_err, rel_err(proj.U[key].to(U.dtype), U))
+            u_err = max(u_err, rel_err(proj.U[key].to(U.dtype) * sign.to(U.dtype), U))
             lam_err = max(lam_err, rel_err(proj.lambda_l[key], layer.frod_lambda_l["default"]))
     return {"rel_diff_V": v_err, "rel_diff_U": u_err, "rel_diff_lambda_l": lam_err, "same_pattern": same_pattern}
 
@@ -144,10 +150,10 @@ def run(sizes: Sizes, device: torch.device, tick: Callable[[str], None]) -> list
     candidates.append((PEFT_ENABLED, enabled, reason, lambda: copy.deepcopy(model), _as_projections))
     build, reason = _build_projections()
     weights = target_weights(model)
-    for route in _routes(device):
-        fn = None if build is None else (lambda _, route=route: build(
-            weights, sparse_rate=0.01, projection_prng_key=0, progressbar=False, device=route))
-        candidates.append((fk_init(route), fn, reason, lambda: None, lambda projections: projections))
+    for label, route, method in _routes(device):
+        fn = None if build is None else (lambda _, route=route, method=method: build(
+            weights, sparse_rate=0.01, projection_prng_key=0, progressbar=False, device=route, method=method))
+        candidates.append((fk_init(label), fn, reason, lambda: None, lambda projections: projections))
 
     for name, fn, reason, prepare, as_projections in candidates:
         tick(f"init {name}")
