@@ -8,8 +8,8 @@
 #   OUT=/path/to/results bash bench/gpu_check.sh      # default OUT: bench_out/gpu_check
 #   bash bench/fetch_wheels.sh                         # beforehand, on a machine with network
 #
-# GPU_CHECK_SKIP="build tests" skips those steps (names: install-peft build tests bench), for a quick rerun;
-# GPU_CHECK_BUDGET_S sets the overall budget in seconds.
+# GPU_CHECK_SKIP="build tests" skips those steps (names: install-peft build tests init-8b bench), for a quick
+# rerun; GPU_CHECK_BUDGET_S sets the overall budget in seconds.
 #
 # Without a GPU (or with GPU_CHECK_DRY_RUN=1) it dry-runs the same script here: no install or build, test
 # collection only, frod-bench on the CPU with tiny sizes. Exit status: 0 when every step passed.
@@ -68,6 +68,8 @@ if [ "$DRY" = 1 ]; then
     skip install-peft "dry run"
     skip build "dry run"
     step tests 120 "$PY" -m pytest -q --collect-only -p no:cacheprovider tests
+    step init-8b 60 "$PY" bench/init_projections.py --hidden 64 --layers 2 --methods frod_kernels \
+        --json "$OUT/init-8b-gpu.json"
     step bench 120 "$PY" -m frod_kernels.bench --sizes tiny --device cpu --out "$OUT"
 else
     if "$PY" -c "import peft.tuners.frod" 2>/dev/null; then
@@ -87,6 +89,9 @@ else
     XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
     # shellcheck disable=SC2086 # XDIST is empty or two words
     step tests 180 "$PY" -m pytest -q -p no:cacheprovider --maxfail=20 $XDIST tests
+    # issue 7: the GPU projection route on an 8B-shaped model (32 layers, width 4096, q_proj + quarter v_proj)
+    step init-8b 150 "$PY" bench/init_projections.py --device cuda --hidden 4096 --layers 32 \
+        --methods frod_kernels --json "$OUT/init-8b-gpu.json"
     step bench 300 "$PY" -m frod_kernels.bench --full --all-paths --out "$OUT"
 fi
 

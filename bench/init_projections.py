@@ -60,8 +60,9 @@ def _status_kib(field: str) -> int:
 
 
 def _worker(method: str, hidden: int, layers: int, device: str | None, sparse_rate: float, seed: int,
-            out_path: str, threads: int | None = None) -> None:
-    """One method's setup in this (fresh) process; writes its timing, peak memory and tensors to ``out_path``."""
+            out_path: str, threads: int | None = None, keep_tensors: bool = True) -> None:
+    """One method's setup in this (fresh) process; writes its timing, peak memory and (``keep_tensors``) its
+    tensors to ``out_path``."""
     import warnings
 
     import torch
@@ -104,9 +105,13 @@ def _worker(method: str, hidden: int, layers: int, device: str | None, sparse_ra
         U = {k: u for p in projs.values() for k, u in p.U.items()}
         L = {k: l for p in projs.values() for k, l in p.lambda_l.items()}
     peak = _status_kib("VmHWM")
-    torch.save({"seconds": elapsed, "peak_extra_mib": (peak - rss0) / 1024 if reset else None,
-                "peak_rss_mib": peak / 1024, "V": V, "s_indices": S, "U": U, "lambda_l": L,
-                "threads": torch.get_num_threads()}, out_path)
+    on_gpu = device is not None and torch.device(device).type == "cuda"
+    report = {"seconds": elapsed, "peak_extra_mib": (peak - rss0) / 1024 if reset else None,
+              "peak_rss_mib": peak / 1024, "threads": torch.get_num_threads(),
+              "gpu_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if on_gpu else None}
+    if keep_tensors:
+        report.update(V=V, s_indices=S, U=U, lambda_l=L)
+    torch.save(report, out_path)
 
 
 def _compare(ref: dict, got: dict, weights: dict) -> dict:
@@ -170,11 +175,15 @@ def bench_init(hidden: int = 1024, layers: int = 16, device: str | None = None, 
     if unknown:
         raise ValueError(f"methods: expected a subset of {METHODS}, got {sorted(unknown)}")
     results, tensors = {}, {}
+    # the tensors (all of U: gigabytes at 8B shapes) travel only when something compares them
+    compare = len(methods) > 1 or eigen_check
     with tempfile.TemporaryDirectory() as tmp:
         for method in methods:
             path = os.path.join(tmp, f"{method}.pt")
             cmd = [sys.executable, os.path.abspath(__file__), "--_worker", method, "--hidden", str(hidden),
                    "--layers", str(layers), "--sparse-rate", str(sparse_rate), "--seed", str(seed), "--_out", path]
+            if not compare:
+                cmd += ["--_no-tensors"]
             if threads:
                 cmd += ["--threads", str(threads)]
             if device is not None and method != "peft":
@@ -189,15 +198,16 @@ def bench_init(hidden: int = 1024, layers: int = 16, device: str | None = None, 
                 continue
             tensors[method] = torch.load(path)
             results[method] = {k: tensors[method][k] for k in ("seconds", "peak_extra_mib", "peak_rss_mib",
-                                                               "threads")}
+                                                               "gpu_peak_mib", "threads")}
             results[method]["load_avg_before"] = load
-    model = _model(hidden, layers)
-    weights = {k: m.weight.detach() for k, m in model.named_modules()
+    model = _model(hidden, layers) if compare else None
+    weights = {} if model is None else {k: m.weight.detach() for k, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and k.rsplit(".", 1)[-1] in TARGETS}
-    parity = {m: _compare(tensors["peft"], tensors[m], weights) for m in tensors if m != "peft" and "peft" in tensors}
+    parity = {m: _compare(tensors["peft"], tensors[m], weights) for m in tensors
+              if compare and m != "peft" and "peft" in tensors}
     speedup = {m: results["peft"]["seconds"] / r["seconds"] for m, r in results.items()
                if m != "peft" and "seconds" in r and "seconds" in results.get("peft", {})}
-    eigen = _eigen_check(tensors, weights) if eigen_check else None
+    eigen = _eigen_check(tensors, weights) if eigen_check and tensors else None
     return {
         "config": {"hidden": hidden, "layers": layers, "targets": list(TARGETS), "sparse_rate": sparse_rate,
                    "projection_prng_key": seed, "device": device or "cpu", "threads": threads or "default"},
@@ -223,8 +233,9 @@ def _table(report: dict) -> str:
             lines.append(f"{method:<18}  error: {r['error']}")
             continue
         extra = f"{r['peak_extra_mib']:.0f}" if r["peak_extra_mib"] is not None else "n/a"
+        gpu = f"  GPU peak {r['gpu_peak_mib']:.0f} MiB" if r.get("gpu_peak_mib") is not None else ""
         lines.append(f"{method:<18}{r['seconds']:>10.2f}{extra:>16}{r['peak_rss_mib']:>14.0f}"
-                     f"{r['load_avg_before']:>13.2f}")
+                     f"{r['load_avg_before']:>13.2f}{gpu}")
     for method, speedup in (report["speedup_vs_peft"] or {}).items():
         lines.append(f"{method}: {speedup:.2f}x faster than PEFT")
     for method, parity in (report["parity"] or {}).items():
@@ -249,10 +260,11 @@ def main(argv=None) -> None:
     ap.add_argument("--json", help="also write the report here")
     ap.add_argument("--_worker", help=argparse.SUPPRESS)
     ap.add_argument("--_out", help=argparse.SUPPRESS)
+    ap.add_argument("--_no-tensors", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._worker:
         _worker(args._worker, args.hidden, args.layers, args.device, args.sparse_rate, args.seed, args._out,
-                args.threads)
+                args.threads, keep_tensors=not args._no_tensors)
         return
     report = bench_init(hidden=args.hidden, layers=args.layers, device=args.device, sparse_rate=args.sparse_rate,
                         seed=args.seed, methods=args.methods, threads=args.threads, eigen_check=args.eigen_check)

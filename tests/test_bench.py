@@ -159,7 +159,10 @@ def test_gpu_check_dry_run(tmp_path):
                           text=True, timeout=150)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     steps = dict(line.split("\t")[:2] for line in (tmp_path / "steps.tsv").read_text().splitlines())
-    assert steps == {"install-peft": "skipped (dry run)", "build": "skipped (dry run)", "tests": "0", "bench": "0"}
+    assert steps == {"install-peft": "skipped (dry run)", "build": "skipped (dry run)", "tests": "0", "init-8b": "0",
+                     "bench": "0"}
+    init = json.loads((tmp_path / "init-8b-gpu.json").read_text())
+    assert init["results"]["frod_kernels"]["seconds"] > 0 and init["parity"] == {}
     res = json.loads((tmp_path / "results.json").read_text())
     assert set(res["suites"]) == {"check", "layer", "train", "init"}
     assert all(r["ok"] for r in res["suites"]["check"])
