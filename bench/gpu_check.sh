@@ -8,8 +8,8 @@
 #   OUT=/path/to/results bash bench/gpu_check.sh      # default OUT: bench_out/gpu_check
 #   bash bench/fetch_wheels.sh                         # beforehand, on a machine with network
 #
-# GPU_CHECK_SKIP="build tests" skips those steps (names: install-peft build tests init-8b bench), for a quick
-# rerun; GPU_CHECK_BUDGET_S sets the overall budget in seconds.
+# GPU_CHECK_SKIP="build tests" skips those steps (names: install-peft build tests init-8b bench init-cpu), for a
+# quick rerun; GPU_CHECK_BUDGET_S sets the overall budget in seconds.
 #
 # Without a GPU (or with GPU_CHECK_DRY_RUN=1) it dry-runs the same script here: no install or build, test
 # collection only, frod-bench on the CPU with tiny sizes. Exit status: 0 when every step passed.
@@ -93,6 +93,8 @@ else
     step init-8b 150 "$PY" bench/init_projections.py --device cuda --hidden 4096 --layers 32 \
         --methods frod_kernels --json "$OUT/init-8b-gpu.json"
     step bench 300 "$PY" -m frod_kernels.bench --full --all-paths --out "$OUT"
+    # issue 7 on a many-core CPU (this machine's): PEFT, exact and fast routes side by side, width 2048
+    step init-cpu 90 "$PY" bench/init_projections.py --hidden 2048 --layers 16 --json "$OUT/init-cpu-2048.json"
 fi
 
 echo
