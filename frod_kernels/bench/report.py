@@ -43,8 +43,10 @@ def train_table(rows: list[dict], markdown: bool = False) -> str:
 
 
 def init_table(rows: list[dict], markdown: bool = False) -> str:
-    headers = ["model", "method", "median ms", "min-max ms", "speedup vs PEFT", "rel diff V / U / lambda vs PEFT",
-               "same pattern", "note"]
+    # V's and U's column signs are aligned with PEFT's first; the fast and CUDA routes differ beyond that inside
+    # near-equal eigenvalues (see frod_kernels.projections)
+    headers = ["model", "method", "median ms", "min-max ms", "speedup vs PEFT",
+               "rel diff V / U / lambda vs PEFT (signs aligned)", "same pattern", "note"]
 
     def diffs(r):
         if "rel_diff_V" not in r:
