@@ -92,40 +92,50 @@ def layer_index_from_key(key: str, fallback: int) -> int:
     return fallback
 
 
+def _float32_cpu(weights: Sequence[Tensor]) -> list[Tensor]:
+    """The float32 CPU matrices PEFT decomposes (the weights themselves where they are float32 on the CPU), checked
+    to be (out, in) with one in_features."""
+    if len(weights) == 0:
+        raise ValueError("weights: expected at least one (out, in) weight, got an empty sequence")
+    matrices = [w.detach().to(torch.float32).cpu() for w in weights]
+    if any(m.dim() != 2 for m in matrices) or len({m.shape[1] for m in matrices}) != 1:
+        raise ValueError(f"weights: expected 2-D (out, in) weights with one in_features, got shapes "
+                         f"{[tuple(m.shape) for m in matrices]}")
+    return matrices
+
+
+def _peft_basis(matrices: list[Tensor], regularization_alpha: float) -> Tensor:
+    """PEFT's ``_projection_from_weights``, its ops in its order, in the matrices' dtype and on their device.
+    Empties ``matrices``: from the stacking on, only the stacked copy is held."""
+    rows = [m.shape[0] for m in matrices]
+    stacked = torch.cat(matrices, dim=0)
+    matrices.clear()
+    if stacked.shape[0] < stacked.shape[1]:
+        _, _, vh = torch.linalg.svd(stacked, full_matrices=True)
+        return vh.T
+    q_matrix, r_matrix = torch.linalg.qr(stacked)
+    del stacked
+    dim = r_matrix.shape[1]
+    t_pi = torch.zeros((dim, dim), dtype=r_matrix.dtype, device=r_matrix.device)
+    ridge = regularization_alpha * torch.eye(dim, dtype=r_matrix.dtype, device=r_matrix.device)
+    start = 0
+    for n_rows in rows:
+        q_slice = q_matrix[start:start + n_rows, :]
+        start += n_rows
+        t_pi += torch.linalg.inv(q_slice.T @ q_slice + ridge)
+    del q_matrix
+    t_pi /= len(rows)
+    _, eigenvectors = torch.linalg.eigh(t_pi)
+    return r_matrix.T @ eigenvectors
+
+
 def basis_from_weights(weights: Sequence[Tensor], regularization_alpha: float = 1e-3) -> Tensor:
     """V (in x in, float32, CPU) as PEFT's ``_projection_from_weights`` computes it from the float32 CPU copies of
     the layers' weights (each out x in), in the order given.
 
     The float32 ops are PEFT's own, in its order, so the result is bitwise PEFT's under the same BLAS threads.
     """
-    if len(weights) == 0:
-        raise ValueError("weights: expected at least one (out, in) weight, got an empty sequence")
-    matrices = [w.detach().to(torch.float32).cpu() for w in weights]
-    in_features = {m.shape[1] for m in matrices}
-    if any(m.dim() != 2 for m in matrices) or len(in_features) != 1:
-        raise ValueError(f"weights: expected 2-D (out, in) weights with one in_features, got shapes "
-                         f"{[tuple(m.shape) for m in matrices]}")
-    stacked = torch.cat(matrices, dim=0)
-    del matrices  # the float32 copies of non-float32 weights: only the stacked one is needed from here
-    if stacked.shape[0] < stacked.shape[1]:
-        _, _, vh = torch.linalg.svd(stacked, full_matrices=True)
-        return vh.T
-
-    rows = [w.shape[0] for w in weights]
-    q_matrix, r_matrix = torch.linalg.qr(stacked)
-    del stacked
-    dim = r_matrix.shape[1]
-    t_pi = torch.zeros((dim, dim), dtype=r_matrix.dtype)
-    start = 0
-    for n_rows in rows:
-        q_slice = q_matrix[start:start + n_rows, :]
-        start += n_rows
-        q_term = q_slice.T @ q_slice + regularization_alpha * torch.eye(dim, dtype=r_matrix.dtype)
-        t_pi += torch.linalg.inv(q_term)
-    del q_matrix
-    t_pi /= len(rows)
-    _, eigenvectors = torch.linalg.eigh(t_pi)
-    return r_matrix.T @ eigenvectors
+    return _peft_basis(_float32_cpu(weights), regularization_alpha)
 
 
 _SKETCH_SEED = 0x5EED  # a private generator: the fast route never draws from the pattern's generator
@@ -163,7 +173,7 @@ class _FastFactors:
 
 def _fast_factors(weights: Sequence[Tensor], regularization_alpha: float) -> Optional[_FastFactors]:
     """The factors behind :func:`fast_basis`, or None where its route does not apply."""
-    mats = [w.detach().to(torch.float32).cpu() for w in weights]
+    mats = _float32_cpu(weights)
     n = mats[0].shape[1]
     alpha = float(regularization_alpha)
     if sum(m.shape[0] for m in mats) < n or alpha <= 0:
@@ -225,18 +235,14 @@ def fast_basis(weights: Sequence[Tensor], regularization_alpha: float = 1e-3) ->
     identity (an out x out factorization instead of an in x in one). Falls back to :func:`basis_from_weights`
     (PEFT's ops) where A has fewer rows than columns (PEFT's SVD route) or where a factorization fails (A rank
     deficient to float32, ``regularization_alpha`` 0)."""
-    if len(weights) == 0:
-        raise ValueError("weights: expected at least one (out, in) weight, got an empty sequence")
-    if any(w.dim() != 2 or w.shape[1] != weights[0].shape[1] for w in weights):
-        raise ValueError(f"weights: expected 2-D (out, in) weights with one in_features, got shapes "
-                         f"{[tuple(w.shape) for w in weights]}")
     factors = _fast_factors(weights, regularization_alpha)
     return basis_from_weights(weights, regularization_alpha) if factors is None else factors.V
 
 
 def _normalize_columns(bi: Tensor) -> tuple[Tensor, Tensor]:
-    """PEFT's ``U = B / lambda_l`` (columns with lambda_l <= 1e-12 zero), in float64, then float32. Each element is
-    the same float64 division as PEFT's masked copy, done in place on ``bi`` (no zeros_like, no masked copies)."""
+    """PEFT's ``U = B / lambda_l`` (columns with lambda_l <= 1e-12 zero) in ``bi``'s dtype, then float32. For a
+    float64 ``bi`` each element is the same division as PEFT's masked copy, done in place on ``bi`` (no
+    zeros_like, no masked copies)."""
     lambda_l = torch.linalg.norm(bi, dim=0)
     nonzero = lambda_l > 1e-12
     bi.div_(torch.where(nonzero, lambda_l, torch.ones_like(lambda_l)))
@@ -345,22 +351,8 @@ def _resolve_device(device) -> torch.device:
 def _basis_gpu(weights: Sequence[Tensor], regularization_alpha: float, device: torch.device) -> Tensor:
     """PEFT's construction in float64 on the GPU (cuSOLVER): equal to PEFT's V only to the conditioning of the
     eigenproblem (see the module docstring), so for checkpoints that save their projections."""
-    stacked = torch.cat([w.detach().to(device=device, dtype=torch.float64) for w in weights], dim=0)
-    dim = stacked.shape[1]
-    if stacked.shape[0] < dim:
-        return torch.linalg.svd(stacked, full_matrices=True)[2].T.float().cpu()
-    q_matrix, r_matrix = torch.linalg.qr(stacked)
-    del stacked
-    t_pi = torch.zeros((dim, dim), dtype=torch.float64, device=device)
-    eye = regularization_alpha * torch.eye(dim, dtype=torch.float64, device=device)
-    start = 0
-    for w in weights:
-        q_slice = q_matrix[start:start + w.shape[0]]
-        start += w.shape[0]
-        t_pi += torch.linalg.inv(q_slice.T @ q_slice + eye)
-    del q_matrix
-    t_pi /= len(weights)
-    return (r_matrix.T @ torch.linalg.eigh(t_pi)[1]).float().cpu()
+    matrices = [w.detach().to(device=device, dtype=torch.float64) for w in weights]
+    return _peft_basis(matrices, regularization_alpha).float().cpu()
 
 
 def build_projections(weights: Mapping[str, Tensor], *, sparse_rate: float = 0.01, projection_prng_key: int = 0,

@@ -1,4 +1,5 @@
-"""Independent float64 reference of a FRoD layer, and the tolerances of DESIGN.md section 5.
+"""Independent float64 reference of a FRoD layer and of PEFT's eigenproblem behind V, and the tolerances of
+DESIGN.md section 5.
 
 Dense math only, on the CPU: it shares no code with the engine or the backends, so a bug there cannot hide here.
 Used by the tests and by frod-bench's check suite.
