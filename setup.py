@@ -67,6 +67,8 @@ setup(
         "test": ["pytest>=8", "pytest-xdist", "hypothesis>=6.100", "matplotlib>=3.8",
                  "triton>=3.2; platform_system == 'Linux'"],
         "bench": ["matplotlib>=3.8", "triton>=3.2; platform_system == 'Linux'"],
+        # what PEFT's own FRoD tests import (tests/peft_suite/run.py runs them with and without acceleration)
+        "peft-tests": ["pytest>=8", "diffusers", "datasets", "parameterized", "attrs", "scipy"],
     },
     entry_points={"console_scripts": ["frod-bench = frod_kernels.bench.__main__:main"]},
     ext_modules=ext_modules,

@@ -27,8 +27,10 @@ the device, not one per layer) and rebuilt only when the source tensor is replac
 Checkpoints (``PeftModel.save_pretrained`` / ``load_adapter``, hence ``from_pretrained``, wrapped the same way): an
 accelerated model saves a fingerprint of each adapter's projections next to its ``adapter_config.json``
 (:mod:`frod_kernels.fingerprint`; plain PEFT ignores the file), and loading into an accelerated model compares
-the projections PEFT built with the fingerprint and raises ``ValueError`` when they differ, instead of training
-on another basis than the adapter was trained with.
+the projections PEFT built with the fingerprint and warns (:class:`ProjectionMismatchWarning`) when they differ:
+the adapter then computes something else than it was trained to. PEFT loads such an adapter without a word, and
+acceleration must not change what loads, so it is a warning; ``warnings.simplefilter("error",
+ProjectionMismatchWarning)`` makes it an error.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ from . import fingerprint, projections
 from .layout import build_layout, cached_derived, check_pattern
 from .ops import frod_linear
 
-__all__ = ["accelerate", "disable", "enable", "is_enabled"]
+__all__ = ["ProjectionMismatchWarning", "accelerate", "disable", "enable", "is_enabled"]
 
 _Linear = _peft_layer.Linear
 _FrodModel = _peft_model.FrodModel
@@ -69,6 +71,13 @@ _PEFT_INJECT = _FrodModel.inject_adapter  # BaseTuner's: FrodModel inherits it
 _PeftModel = _peft_peft_model.PeftModel
 _PEFT_SAVE = _PeftModel.save_pretrained
 _PEFT_LOAD_ADAPTER = _PeftModel.load_adapter
+
+
+
+class ProjectionMismatchWarning(UserWarning):
+    """A FRoD adapter was loaded onto projections (V, U, pattern) other than those it was trained with: other base
+    weights, another ``projection_prng_key``, or another library or BLAS that regenerated them differently."""
+
 
 _enabled = False
 # the FRoD layers (and FrodModels) that accelerate() covers
@@ -368,9 +377,9 @@ def _load_adapter(self, model_id, adapter_name, *args: Any, **kwargs: Any):
 
 
 def _verify(tuner, adapter_name: str, directory: str, save_projection: bool) -> None:
-    """Raise ValueError when the projections PEFT built for ``adapter_name`` are not the ones its checkpoint in
-    ``directory`` was trained with. With ``save_projection=True`` V and the pattern come from the checkpoint, but
-    PEFT computes U before loading them, from the V it regenerated: the fingerprint's U check catches that too."""
+    """Warn when the projections PEFT built for ``adapter_name`` are not the ones its checkpoint in ``directory``
+    was trained with. With ``save_projection=True`` V and the pattern come from the checkpoint, but PEFT computes U
+    before loading them, from the V it regenerated: the fingerprint's U check catches that too."""
     saved = fingerprint.read(directory) if os.path.isdir(directory) else None
     if saved is None:
         if not save_projection:
@@ -393,10 +402,11 @@ def _verify(tuner, adapter_name: str, directory: str, save_projection: bool) -> 
     then = ", ".join(f"{k} {v}" for k, v in saved.get("versions", {}).items())
     now = ", ".join(f"{k} {v}" for k, v in fingerprint.versions().items())
     shown = diffs[:12] + ([f"... and {len(diffs) - 12} more"] if len(diffs) > 12 else [])
-    raise ValueError(
+    warnings.warn(
         f"FRoD adapter checkpoint {directory!r} (adapter {adapter_name!r}) was trained with other projections than "
-        "the ones built for it here:\n  - " + "\n  - ".join(shown) + "\n"
-        f"Saved with {then}; loading with {now}. Likely causes: other base model weights than the adapter was "
+        "the ones built for it here, so it does not compute what it was trained to:\n  - " + "\n  - ".join(shown)
+        + f"\nSaved with {then}; loading with {now}. Likely causes: other base model weights than the adapter was "
         "trained on, another projection_prng_key, or another library version or BLAS thread count (PEFT's V is "
-        "not reproducible across them). Save the adapter with FrodConfig(save_projection=True) so the checkpoint "
-        "carries its projections; to load without this check, call frod_kernels.peft.disable() first.")
+        "not reproducible across them). Plain PEFT loads it the same way, silently. To make this an error: "
+        "warnings.simplefilter('error', frod_kernels.peft.ProjectionMismatchWarning).",
+        ProjectionMismatchWarning, stacklevel=3)
