@@ -8,6 +8,7 @@ implementation to run on the tensor's device. Selection is a table lookup, never
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Callable, Iterator
 
 import torch
@@ -19,7 +20,7 @@ _CHOICES = ("auto",) + BACKENDS
 _IMPLS: dict[str, dict[str, Callable]] = {}
 # backend name -> probe returning None when it can run on `device_type`, else the reason it cannot
 _PROBES: dict[str, Callable[[str], "str | None"]] = {}
-# "auto" preference per device type; a backend module may reorder it once it has measured its kernels
+# "auto"'s candidates per device type, in the fixed order used wherever nothing is measured (frod_kernels.autotune)
 AUTO_ORDER: dict[str, list[str]] = {"cuda": ["cuda", "triton", "torch"], "cpu": ["torch"]}
 
 _global_backend = "auto"
@@ -116,9 +117,19 @@ def resolve_name(device_type: str) -> str:
 
 
 def resolve(op: str, device: torch.device) -> Callable:
-    name = resolve_name(device.type)
+    """The implementation of ``op`` that runs on ``device``. Under ``"auto"`` that is a dispatcher: it picks per
+    call's shape class (:mod:`frod_kernels.autotune`: measured on a GPU, else the fixed order) and falls back to
+    the torch twin where the picked kernel raises. A backend selected by name runs as it is, errors included."""
     impls = _IMPLS.get(op, {})
-    if name in impls:
-        return impls[name]
+    if get_backend() == "auto":
+        return functools.partial(_auto, op, impls, device.type)
+    name = resolve_name(device.type)
     # A backend may implement only some ops; the torch twin covers the rest on any device.
-    return impls["torch"]
+    return impls.get(name, impls["torch"])
+
+
+def _auto(op: str, impls: dict[str, Callable], device_type: str, *args):
+    from . import autotune
+
+    runnable = [b for b in AUTO_ORDER.get(device_type, ["torch"]) if unavailable_reason(b, device_type) is None]
+    return autotune.run_guarded(op, autotune.pick_backend(op, impls, runnable, args), impls, args)

@@ -22,8 +22,11 @@ SPARSE, FACTORED, MATERIALIZED = 0, 1, 2
 PATH_NAMES = {SPARSE: "sparse", FACTORED: "factored", MATERIALIZED: "materialized"}
 
 # Cost of one multiply-add of a sparse step, in multiply-adds of a large dense GEMM on the same device. Measured
-# with the torch backend: CPU (MKL CSR SpMM/SDDMM vs sgemm, 2 cores) about 12-20; the GPU values are estimates
-# until a GPU run measures them (bench/gpu_check.sh).
+# with the torch backend: CPU (MKL CSR SpMM/SDDMM vs sgemm, 2 cores) about 12-20. GPU: from the roofline
+# (frod_kernels.roofline), the kernel families run at about 21 FLOP/byte in bf16 against an H200's balance of
+# about 184 (790 TFLOP/s over 4.3 TB/s), so about 9 at best; with it the cost model picks the roofline's best
+# path for the README's shapes. On a GPU "auto" measures the paths anyway (frod_kernels.autotune); this is the
+# choice where it does not.
 SPARSE_COST = {"cpu": 16.0, "cuda": 8.0}
 
 # Keep W' between forward and backward (out x in per layer) instead of rebuilding it, only where memory is

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _backends, engine
+from . import _backends, autotune, engine
 from ._validation import check_frod_args
 from .layout import PatternLayout, pattern_layout
 from .torch_backend import acc_dtype
@@ -234,11 +234,35 @@ def frod_linear(
         t is not None and t.requires_grad for t in (x, lambda_l, s_values, bias)
     )
     dev = x.device.type
-    p = _path_from_name(path) if path is not None else engine.choose_path(
-        x2.shape[0], n_in, n_out, s_values.shape[0], dev, training)
     keep = training and engine.KEEP_MATERIALIZED_WEIGHT.get(dev, False)
+    if path is not None:
+        p = _path_from_name(path)
+    else:
+        p = engine.choose_path(x2.shape[0], n_in, n_out, s_values.shape[0], dev, training)
+        if (not torch.compiler.is_compiling() and _backends.get_backend() == "auto"
+                and autotune.measures(x2.device)):
+            p = _measured_path(p, x2, V, U, lambda_l, s_values, s_indices, layout, bias, training, keep)
     y, _ = torch.ops.frod.frod_linear_fwd(x2, V, U, lambda_l, s_values, s_indices, layout, bias, p, keep)
     return y.reshape(*lead, n_out)
+
+
+def _measured_path(cost_model_path, x2, V, U, lambda_l, s_values, s_indices, layout, bias, training, keep) -> int:
+    """:func:`frod_kernels.autotune.pick_path` for this call: each candidate path runs this call's forward (and,
+    training, a backward of a random output gradient) on detached copies of its inputs, outside autograd."""
+    key = autotune.path_key(x2.shape[0], V.shape[0], U.shape[0], s_values.shape[0], x2.dtype, x2.device, training)
+
+    def run(p: int) -> Tensor:
+        xd, lam, s = x2.detach(), lambda_l.detach(), s_values.detach()
+        y, saved = torch.ops.frod.frod_linear_fwd(xd, V, U, lam, s, s_indices, layout,
+                                                  None if bias is None else bias.detach(), p, keep)
+        if training:
+            torch.ops.frod.frod_linear_bwd(torch.randn_like(y), xd if p == engine.MATERIALIZED else None, saved,
+                                           V, U, lam, s, s_indices, layout, p, x2.requires_grad,
+                                           lambda_l.requires_grad, s_values.requires_grad,
+                                           bias is not None and bias.requires_grad)
+        return y
+
+    return autotune.pick_path(key, x2.device, engine.PATH_NAMES, run, cost_model_path)
 
 
 def _path_from_name(name: str) -> int:

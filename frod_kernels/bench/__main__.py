@@ -170,24 +170,30 @@ def main(argv: Optional[list[str]] = None) -> int:
         p.error(str(e))
 
     from . import check, init, layer, report, train
-    from .common import dtype_name, environment, matmul_peak_tflops, rss_high_water_mark_bytes
+    from .. import roofline
+    from .common import copy_bandwidth, dtype_name, environment, matmul_peak_tflops, rss_high_water_mark_bytes
 
     modules = {"check": check, "layer": layer, "train": train, "init": init}
     results = {"environment": environment(device, argv), "sizes": dataclasses.asdict(sizes), "suites": {},
                "memory_note": MEMORY_NOTE}
     print(f"frod-bench on {results['environment']['device_name']} ({device}), sizes {sizes.name}, "
           f"{dtype_name(sizes.dtype)}, suites {', '.join(suites)}", file=sys.stderr)
-    peak = None
+    peak = gpu = None
     if "layer" in suites:
         results["matmul_peak"] = matmul_peak_tflops(device, sizes.dtype)
         peak = results["matmul_peak"]["tflops"]
+        if device.type == "cuda":
+            # every GPU row is read against this device's roofline, from its own measured peaks
+            results["copy_bandwidth"] = copy_bandwidth(device)
+            gpu = roofline.GPU(results["environment"]["device_name"], results["copy_bandwidth"]["bytes_per_s"],
+                               {dtype_name(sizes.dtype): peak * 1e12})
     progress = _Progress(sum(modules[s].n_steps(sizes, device) for s in suites))
     problems = []
     try:
         for suite in suites:
             try:
                 if suite == "layer":
-                    rows = layer.run(sizes, device, peak, progress)
+                    rows = layer.run(sizes, device, peak, progress, gpu)
                 else:
                     rows = modules[suite].run(sizes, device, progress)
             except check.CheckFailed as e:

@@ -183,6 +183,16 @@ def matmul_peak_tflops(device: torch.device, dtype: torch.dtype) -> dict:
             "tflops": 2 * n ** 3 / (t["median_ms"] * 1e-3) / 1e12}
 
 
+def copy_bandwidth(device: torch.device) -> dict:
+    """Measured device-memory bandwidth of a large copy (bytes read plus written per second): the roofline's other
+    denominator, beside :func:`matmul_peak_tflops`."""
+    n = (1 << 28) if device.type == "cuda" else (1 << 24)  # 1 GiB of float32 on a GPU
+    a = torch.randn(n, device=device)
+    b = torch.empty_like(a)
+    t = measure_time(lambda: b.copy_(a), device, repeats=10 if device.type == "cuda" else 5, warmup=3)
+    return {"bytes": 2 * 4 * n, "median_ms": t["median_ms"], "bytes_per_s": 2 * 4 * n / (t["median_ms"] * 1e-3)}
+
+
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import frod_kernels as fk
-from frod_kernels import engine
+from frod_kernels import autotune, engine, roofline
 
 from . import peft_models
 from .common import Sizes, dtype_name, measure_interleaved, measure_peak_memory
@@ -69,7 +69,8 @@ def n_steps(sizes: Sizes, device: torch.device) -> int:
 
 
 def _methods(base: nn.Linear, device: torch.device, dtype: torch.dtype, backends: list[str], all_paths: bool):
-    """(name, path, make_step) per method; make_step(x, g) returns a no-argument forward+backward callable."""
+    """((name, path, make_step) per method, nnz); make_step(x, g) returns a no-argument forward+backward
+    callable."""
     with peft_models.fast_projections(device):
         frod_model, frod_layer = peft_models.peft_frod_linear(base)
     frod_model.to(device)
@@ -105,7 +106,10 @@ def _methods(base: nn.Linear, device: torch.device, dtype: torch.dtype, backends
     nnz = idx.shape[1]
 
     def path(tokens):
-        return engine.PATH_NAMES[engine.choose_path(tokens, V.shape[0], U.shape[0], nnz, device.type, True)]
+        # what the step ran: auto's measured choice where it measured one, else the cost model's
+        key = autotune.path_key(tokens, V.shape[0], U.shape[0], nnz, dtype, device, True)
+        return autotune.chosen(key) or engine.PATH_NAMES[
+            engine.choose_path(tokens, V.shape[0], U.shape[0], nnz, device.type, True)]
 
     methods = []
     for b in backends:
@@ -113,10 +117,12 @@ def _methods(base: nn.Linear, device: torch.device, dtype: torch.dtype, backends
         if all_paths:
             methods += [(frod_method(b, p), lambda tokens, p=p: p, frod(b, p)) for p in engine.PATH_NAMES.values()]
     methods += [(PEFT_FROD, None, peft_frod), (LORA, None, lora), (LINEAR, None, linear)]
-    return methods
+    return methods, nnz
 
 
-def run(sizes: Sizes, device: torch.device, peak_tflops: float | None, tick: Callable[[str], None]) -> list[dict]:
+def run(sizes: Sizes, device: torch.device, peak_tflops: float | None, tick: Callable[[str], None],
+        gpu: "roofline.GPU | None" = None) -> list[dict]:
+    """The suite's rows; with ``gpu`` (the device's measured peaks), each row also gets its roofline floor."""
     dtype, rows = sizes.dtype, []
     backends = timed_backends(device)
     for n_in, n_out in sizes.layer_shapes:
@@ -124,7 +130,7 @@ def run(sizes: Sizes, device: torch.device, peak_tflops: float | None, tick: Cal
         with torch.device("cpu"):
             base = nn.Linear(n_in, n_out, bias=False).to(dtype)
         base.requires_grad_(False)
-        methods = _methods(base, device, dtype, backends, sizes.all_paths)
+        methods, nnz = _methods(base, device, dtype, backends, sizes.all_paths)
         for tokens in sizes.layer_tokens:
             x = torch.randn(tokens, n_in, device=device, dtype=dtype, requires_grad=True)
             g = torch.randn(tokens, n_out, device=device, dtype=dtype)
@@ -132,10 +138,11 @@ def run(sizes: Sizes, device: torch.device, peak_tflops: float | None, tick: Cal
             for name, path, make in methods:
                 tick(f"layer {n_in}x{n_out} b={tokens} {name}")
                 row = {"suite": "layer", "method": name, "n_in": n_in, "n_out": n_out, "tokens": tokens,
-                       "dtype": dtype_name(dtype), "path": path(tokens) if path else None}
+                       "dtype": dtype_name(dtype), "path": None}
                 try:
                     step = make(x, g)
-                    step()  # one-time work (the pattern layout, Triton's autotuning) is not a step's memory
+                    step()  # one-time work (the pattern layout, Triton's and auto's tuning) is not a step's memory
+                    row["path"] = path(tokens) if path else None
                     row["peak_mem_bytes"] = measure_peak_memory(step, device)
                     steps[name] = step
                 except Exception as e:  # one failing method is reported in its row; the others still run
@@ -145,6 +152,8 @@ def run(sizes: Sizes, device: torch.device, peak_tflops: float | None, tick: Cal
             for row in group:
                 row.update(timed.get(row["method"], {}))
             _derive(group, peak_tflops)
+            if gpu is not None:
+                add_floors(group, gpu, nnz)
             rows += group
         del methods
     return rows
@@ -164,3 +173,26 @@ def _derive(group: list[dict], peak_tflops: float | None) -> None:
         r["frac_of_peak"] = r["tflops"] / peak_tflops if peak_tflops else None
         r["speedup_vs_peft_frod"] = ref[PEFT_FROD] / ms if ref.get(PEFT_FROD) else None
         r["time_vs_lora"] = ms / ref[LORA] if ref.get(LORA) else None
+
+
+def add_floors(group: list[dict], gpu: "roofline.GPU", nnz: int) -> None:
+    """Each row's roofline floor on ``gpu`` and its fraction of it (1.0: at the roofline). FRoD rows, PEFT's
+    included, are held to the least time FRoD's math allows (the best path's floor); ours also to the floor of
+    the path they ran, which tells a slow kernel from a poor path choice. LoRA and the frozen layer get their own."""
+    for r in group:
+        if r.get("median_ms") is None:
+            continue
+        b, n_in, n_out, dtype = r["tokens"], r["n_in"], r["n_out"], r["dtype"]
+        if r["method"] == LINEAR:
+            floor = roofline.floor_ms(roofline.linear_steps(b, n_in, n_out, dtype), gpu, dtype)
+        elif r["method"] == LORA:
+            floor = roofline.floor_ms(roofline.lora_steps(b, n_in, n_out, peft_models.LORA_RANK, dtype), gpu, dtype)
+        else:
+            floor = roofline.frod_floor(b, n_in, n_out, nnz, gpu, dtype)[1]
+            if r.get("path"):
+                p = next(k for k, v in engine.PATH_NAMES.items() if v == r["path"])
+                r["path_floor_ms"] = roofline.floor_ms(roofline.path_steps(p, b, n_in, n_out, nnz, dtype), gpu,
+                                                       dtype)
+        r["floor_ms"] = floor
+        r["frac_of_floor"] = floor / r["median_ms"]
+

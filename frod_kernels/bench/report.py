@@ -21,16 +21,25 @@ def _rate(r: dict) -> str:
 
 
 def layer_table(rows: list[dict], gpu: bool, markdown: bool = False) -> str:
+    # GPU rows: the fraction of the matmul peak, and of the roofline floor (frod_kernels.roofline): FRoD rows the
+    # least time FRoD's math allows, ours also the floor of the path they ran
     headers = ["layer", "tokens", "method", "path", "median ms", "IQR ms", "tokens/s", "peak mem",
-               "speedup vs PEFT FRoD", "time / LoRA"] + (["% matmul peak"] if gpu else []) + ["note"]
+               "speedup vs PEFT FRoD", "time / LoRA"] + (
+        ["% matmul peak", "floor ms", "% of floor", "% of path floor"] if gpu else []) + ["note"]
     body = []
     for r in rows:
-        frac = r.get("frac_of_peak")
+        gpu_cols = [_percent(r.get("frac_of_peak")), fmt_ms(r.get("floor_ms")), _percent(r.get("frac_of_floor")),
+                    _percent(r["path_floor_ms"] / r["median_ms"] if r.get("path_floor_ms") and r.get("median_ms")
+                             else None)]
         body.append([f"{r['n_in']}->{r['n_out']} {r['dtype']}", str(r["tokens"]), r["method"], r.get("path") or "-",
                      fmt_ms(r.get("median_ms")), _iqr(r), _rate(r), fmt_bytes(r.get("peak_mem_bytes")),
                      fmt_ratio(r.get("speedup_vs_peft_frod")), fmt_ratio(r.get("time_vs_lora"))]
-                    + ([("-" if frac is None else f"{100 * frac:.1f}%")] if gpu else []) + [_note(r)])
+                    + (gpu_cols if gpu else []) + [_note(r)])
     return format_table(headers, body, markdown)
+
+
+def _percent(frac: float | None) -> str:
+    return "-" if frac is None else f"{100 * frac:.1f}%"
 
 
 def train_table(rows: list[dict], markdown: bool = False) -> str:
@@ -98,11 +107,13 @@ def summary(results: dict, markdown: bool = False) -> str:
         top = max(r["tokens"] for r in rows if (r["n_in"], r["n_out"]) == (n_in, n_out))
         group = [r for r in rows if (r["n_in"], r["n_out"], r["tokens"]) == (n_in, n_out, top)]
         lin = next((r.get("median_ms") for r in group if r["method"].startswith("frozen")), None)
+        floors = any(r.get("floor_ms") for r in group)
         headers = [f"layer {n_in}->{n_out}, {top} tokens", "ms", "speedup vs PEFT FRoD", "time / LoRA",
-                   "time / frozen linear"]
+                   "time / frozen linear"] + (["% of roofline floor"] if floors else [])
         body = [[r["method"], fmt_ms(r.get("median_ms")), fmt_ratio(r.get("speedup_vs_peft_frod")),
                  fmt_ratio(r.get("time_vs_lora")),
-                 fmt_ratio(r["median_ms"] / lin if lin and r.get("median_ms") else None)] for r in group]
+                 fmt_ratio(r["median_ms"] / lin if lin and r.get("median_ms") else None)]
+                + ([_percent(r.get("frac_of_floor"))] if floors else []) for r in group]
         out += ["", format_table(headers, body, markdown)]
     for suite in ("train", "init"):
         if suites.get(suite):
