@@ -262,3 +262,19 @@ def test_settings_are_checked():
     with pytest.raises(TypeError, match="cache"):
         fk.set_autotune(cache=3)
     assert fk.get_autotune()["enabled"] is True
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: the real timer measures on a GPU only")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_on_a_gpu_choices_are_measured_and_right(dtype):
+    autotune.clear()
+    x, V, U, lam, s, si, b = random_problem(256, 192, 600, lead=(4, 64), dtype=dtype, param_dtype=torch.float32,
+                                            device="cuda")
+    grad_out = torch.randn(4, 64, 192, device="cuda", dtype=dtype)
+    got = run(x, V, U, lam, s, si, b, grad_out)
+    report = fk.explain()
+    assert "fastest measured" in report and "path" in report, report
+    ref = reference_grads(x, V, U, lam, s, si, b, grad_out)
+    for g, r in zip(got, ref):
+        if r is not None:
+            assert rel_err(g, r) <= TOLERANCE[dtype]

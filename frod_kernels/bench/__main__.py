@@ -208,6 +208,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     finally:
         progress.close()
     results["environment"]["rss_high_water_mark_bytes"] = rss_high_water_mark_bytes()
+    from ..autotune import explain
+
+    results["autotune"] = explain()  # what "auto" ran in every suite, and why
     goals = report.targets(results)
     if goals:
         print("\ntargets:\n" + "\n".join("  " + g for g in goals))

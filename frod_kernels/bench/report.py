@@ -118,6 +118,8 @@ def summary(results: dict, markdown: bool = False) -> str:
     for suite in ("train", "init"):
         if suites.get(suite):
             out += ["", suite_table(suite, suites[suite], False, markdown)]
+    if results.get("autotune") and not markdown:
+        out += ["", "what auto ran (frod_kernels.explain()):", results["autotune"]]
     return "\n".join(out)
 
 
