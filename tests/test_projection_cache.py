@@ -43,7 +43,7 @@ def _seed() -> int:
 
 def _weights(seed=None, width=48, layers=3, dtype=torch.float32):
     """Fresh random weights: a square q_proj and a quarter-width v_proj per layer (QR route), and a category with
-    fewer stacked rows than columns (PEFT's SVD route, whose V is a transposed view)."""
+    fewer stacked rows than columns (PEFT's SVD route)."""
     g = torch.Generator().manual_seed(_seed() if seed is None else seed)
     weights = {}
     for i in range(layers):

@@ -62,7 +62,6 @@ ENV_SWITCH = "FROD_CACHE"
 KINDS = ("V", "fastU", "U", "S")
 _ENTRY = re.compile(r"^(%s)-[0-9a-f]{64}\.safetensors$" % "|".join(KINDS))
 _TMP_PREFIX = ".tmp-"
-_TRANSPOSED = ".T"  # a name suffix: the tensor was a transposed view, stored as its contiguous transpose
 _OFF, _ON = {"0", "false", "no", "off"}, {"", "1", "true", "yes", "on"}
 
 CacheArg = Union[None, bool, str, "os.PathLike[str]"]
@@ -250,14 +249,12 @@ class Store:
         for name, t in stored.items():
             if tensor_digest(t) != checksums[name]:
                 return self._reject(path, f"tensor {name!r} fails its SHA-256 checksum (corrupt)")
-        tensors = {name.removesuffix(_TRANSPOSED): t.T if name.endswith(_TRANSPOSED) else t
-                   for name, t in stored.items()}
         for name, (dtype, shape) in expect.items():
-            t = tensors.get(name)
+            t = stored.get(name)
             if t is None or t.dtype != dtype or (shape is not None and tuple(t.shape) != tuple(shape)):
                 got = "nothing" if t is None else f"{t.dtype} {tuple(t.shape)}"
                 return self._reject(path, f"tensor {name!r} is {got}, expected {dtype} {shape}")
-        return tensors
+        return stored
 
     def _reject(self, path: Path, why: str) -> None:
         warnings.warn(f"frod_kernels projection cache: not using {path}: {why}; recomputing it and replacing the "
@@ -266,13 +263,7 @@ class Store:
 
     def save(self, kind: str, key: str, tensors: dict[str, torch.Tensor], info: dict) -> None:
         """Write the entry atomically; warn (once per directory and reason) and skip when that cannot be done."""
-        stored = {}
-        for name, t in tensors.items():
-            t = t.detach().cpu()
-            # a transposed view (an SVD's Vh^T) is stored as its contiguous transpose, so a hit has its strides too
-            if t.dim() == 2 and not t.is_contiguous() and t.T.is_contiguous():
-                name, t = name + _TRANSPOSED, t.T
-            stored[name] = t.contiguous()
+        stored = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
         nbytes = sum(t.numel() * t.element_size() for t in stored.values())
         tmp = None
         try:
