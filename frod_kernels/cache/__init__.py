@@ -53,8 +53,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-__all__ = ["ENV_DIR", "ENV_SWITCH", "FORMAT", "Store", "cache_dir", "clear", "digest_scope", "entries", "open_store",
-           "tensor_digest"]
+__all__ = ["ENV_DIR", "ENV_SWITCH", "FORMAT", "Store", "cache_dir", "clear", "digest_scope", "digests", "entries",
+           "open_store", "tensor_digest"]
 
 FORMAT = 1
 ENV_DIR = "FROD_CACHE_DIR"
@@ -157,18 +157,21 @@ def tensor_digest(t: torch.Tensor) -> str:
     return digests([t])[0]
 
 
+def _parallel_digests(tensors: Sequence[torch.Tensor]) -> list[str]:
+    # hashlib releases the GIL while it hashes
+    with ThreadPoolExecutor(max(1, min(len(tensors), torch.get_num_threads()))) as pool:
+        return list(pool.map(_digest, tensors))
+
+
 def digests(tensors: Sequence[torch.Tensor]) -> list[str]:
-    """:func:`tensor_digest` of each tensor, hashed in parallel (hashlib releases the GIL)."""
-    keys = [_memo_key(t) for t in tensors] if _memo is not None else None
-    todo = [i for i in range(len(tensors)) if keys is None or keys[i] not in _memo]
-    workers = max(1, min(len(todo), torch.get_num_threads()))
-    with ThreadPoolExecutor(workers) as pool:
-        done = dict(zip(todo, pool.map(lambda i: _digest(tensors[i]), todo)))
-    if keys is not None:
-        for i, d in done.items():
-            _memo[keys[i]] = (tensors[i], d)  # the tensor is kept so its id is not reused within the scope
-        return [done[i] if i in done else _memo[keys[i]][1] for i in range(len(tensors))]
-    return [done[i] for i in range(len(tensors))]
+    """:func:`tensor_digest` of each tensor, hashed in parallel."""
+    if _memo is None:
+        return _parallel_digests(tensors)
+    keys = [_memo_key(t) for t in tensors]
+    todo = [i for i in range(len(tensors)) if keys[i] not in _memo]
+    for i, d in zip(todo, _parallel_digests([tensors[i] for i in todo])):
+        _memo[keys[i]] = (tensors[i], d)  # the tensor is kept so its id is not reused within the scope
+    return [_memo[k][1] for k in keys]
 
 
 @functools.lru_cache(maxsize=1)
@@ -246,8 +249,9 @@ class Store:
             return None
         except Exception as e:  # safetensors' own error for truncated or foreign files, or unreadable JSON
             return self._reject(path, f"it cannot be read as a cache entry ({type(e).__name__}: {e})")
-        for name, t in stored.items():
-            if tensor_digest(t) != checksums[name]:
+        # not through the digest memo: it would keep every entry read in a PEFT injection alive to its end
+        for name, digest in zip(stored, _parallel_digests(list(stored.values()))):
+            if digest != checksums[name]:
                 return self._reject(path, f"tensor {name!r} fails its SHA-256 checksum (corrupt)")
         for name, (dtype, shape) in expect.items():
             t = stored.get(name)
@@ -275,7 +279,7 @@ class Store:
                            f"now); python -m frod_kernels.cache clear empties it, FROD_CACHE=0 turns it off")
                 return
             meta = {"format": str(FORMAT), "key": key, "kind": kind,
-                    "checksums": json.dumps(dict(zip(stored, digests(list(stored.values()))))),
+                    "checksums": json.dumps(dict(zip(stored, _parallel_digests(list(stored.values()))))),
                     "info": json.dumps(_info(info))}
             fd, tmp = tempfile.mkstemp(dir=self.root, prefix=_TMP_PREFIX, suffix=".safetensors")
             os.close(fd)
