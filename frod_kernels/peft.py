@@ -74,6 +74,7 @@ _PEFT_INIT_PROJECTIONS = _FrodModel._init_frod_projections
 _PEFT_CREATE_AND_REPLACE = _FrodModel._create_and_replace
 _PEFT_U_AND_LAMBDA = _peft_layer.FrodLayer._calculate_frod_u_and_lambda
 _PEFT_INJECT = _FrodModel.inject_adapter  # BaseTuner's: FrodModel inherits it
+_PEFT_TUNER_INIT = _FrodModel.__init__  # BaseTuner's too
 _PeftModel = _peft_peft_model.PeftModel
 _PEFT_SAVE = _PeftModel.save_pretrained
 _PEFT_LOAD_ADAPTER = _PeftModel.load_adapter
@@ -157,6 +158,7 @@ def _install() -> None:
     _FrodModel._init_frod_projections = _init_frod_projections
     _FrodModel._create_and_replace = _create_and_replace
     _FrodModel.inject_adapter = _inject_adapter
+    _FrodModel.__init__ = _tuner_init
     _peft_layer.FrodLayer._calculate_frod_u_and_lambda = _calculate_frod_u_and_lambda
     _PeftModel.save_pretrained = _save_pretrained
     _PeftModel.load_adapter = _load_adapter
@@ -166,8 +168,9 @@ def _uninstall() -> None:
     _Linear.forward = _PEFT_FORWARD
     _FrodModel._init_frod_projections = _PEFT_INIT_PROJECTIONS
     _FrodModel._create_and_replace = _PEFT_CREATE_AND_REPLACE
-    if "inject_adapter" in vars(_FrodModel):
-        del _FrodModel.inject_adapter
+    for name in ("inject_adapter", "__init__"):
+        if name in vars(_FrodModel):
+            delattr(_FrodModel, name)
     _peft_layer.FrodLayer._calculate_frod_u_and_lambda = _PEFT_U_AND_LAMBDA
     _PeftModel.save_pretrained = _PEFT_SAVE
     _PeftModel.load_adapter = _PEFT_LOAD_ADAPTER
@@ -348,13 +351,20 @@ def _calculate_frod_u_and_lambda(self, V, W):
 _injecting_accelerated = False
 
 
+@functools.wraps(_PEFT_TUNER_INIT)
+def _tuner_init(self, *args: Any, **kwargs: Any):
+    # BaseTuner.__init__ builds the projections (its pre-injection hook), then injects the layers: each weight, and
+    # each category's V, is hashed once for the category's cache entries and its layers'
+    with projection_cache.digest_scope():
+        return _PEFT_TUNER_INIT(self, *args, **kwargs)
+
+
 @functools.wraps(_PEFT_INJECT)
 def _inject_adapter(self, *args: Any, **kwargs: Any):
     global _injecting_accelerated
     _injecting_accelerated = self in _accelerated
     try:
-        # each weight (and each category's V) is hashed once for the category's cache entries and its layers'
-        with projection_cache.digest_scope():
+        with projection_cache.digest_scope():  # a later add_adapter/load_adapter injects outside _tuner_init
             return _PEFT_INJECT(self, *args, **kwargs)
     finally:
         _injecting_accelerated = False

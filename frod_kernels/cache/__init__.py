@@ -158,8 +158,11 @@ def tensor_digest(t: torch.Tensor) -> str:
 
 
 def _parallel_digests(tensors: Sequence[torch.Tensor]) -> list[str]:
-    # hashlib releases the GIL while it hashes
-    with ThreadPoolExecutor(max(1, min(len(tensors), torch.get_num_threads()))) as pool:
+    # hashlib releases the GIL while it hashes; a pool pays off for a model's weights, not for one entry's tensors
+    workers = min(len(tensors), torch.get_num_threads())
+    if len(tensors) < 4 or workers < 2:
+        return [_digest(t) for t in tensors]
+    with ThreadPoolExecutor(workers) as pool:
         return list(pool.map(_digest, tensors))
 
 
