@@ -94,7 +94,8 @@ else
         --methods frod_kernels --json "$OUT/init-8b-gpu.json"
     step bench 300 "$PY" -m frod_kernels.bench --full --all-paths --out "$OUT"
     # issue 7 on a many-core CPU (this machine's): PEFT, exact and fast routes side by side, width 2048
-    step init-cpu 90 "$PY" bench/init_projections.py --hidden 2048 --layers 16 --json "$OUT/init-cpu-2048.json"
+    step init-cpu 90 "$PY" bench/init_projections.py --hidden 2048 --layers 16 \
+        --methods peft frod_kernels frod_kernels_fast --json "$OUT/init-cpu-2048.json"
 fi
 
 echo

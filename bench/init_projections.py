@@ -2,7 +2,10 @@
 ``frod_kernels.projections.build_projections`` on the same Llama-shaped model (FRoD on ``q_proj``, square, and
 ``v_proj``, quarter width), each method in its own subprocess so its peak memory (VmHWM, reset before setup) is its
 own. ``frod_kernels`` is the exact route (PEFT's V bitwise), ``frod_kernels_fast`` the fast one
-(``method="fast"``: V an eigenbasis of PEFT's problem but not PEFT's tensor, for saved projections). Then the
+(``method="fast"``: V an eigenbasis of PEFT's problem but not PEFT's tensor, for saved projections).
+``frod_kernels_cached`` and ``peft_enabled_cached`` (``get_peft_model`` under ``frod_kernels.peft.enable()``) time a
+second setup: a first process fills a temporary projection cache, a second one (timed) reads it, and the two
+processes' tensors must be bitwise the same. The other methods run with the cache off. Then the
 results are compared: ``s_indices`` exactly, ``V``/``U``/``lambda_l`` element-wise (columns' signs aligned with
 PEFT's first: eigh may choose either), ``U diag(lambda_l) V^T`` against each base weight, and (``--eigen-check``)
 every V, PEFT's included, against a float64 reference of PEFT's eigenproblem, in measures that no free choice of
@@ -10,6 +13,7 @@ eigh changes (:func:`frod_kernels.reference.eigenbasis_error`).
 
     python bench/init_projections.py                       # width 1024, 16 layers (about a minute on 2 cores)
     python bench/init_projections.py --hidden 2048         # the issue's target size
+    python bench/init_projections.py --hidden 2048 --methods peft frod_kernels frod_kernels_cached peft_enabled_cached
     python bench/init_projections.py --device cuda --hidden 4096 --layers 32 --methods frod_kernels
 
 ``bench_init(...)`` returns the same numbers as a dict (frod-bench's init suite calls it).
@@ -27,7 +31,8 @@ import sys
 import tempfile
 import time
 
-METHODS = ("peft", "frod_kernels", "frod_kernels_fast")
+METHODS = ("peft", "frod_kernels", "frod_kernels_fast", "frod_kernels_cached", "peft_enabled_cached")
+CACHED = ("frod_kernels_cached", "peft_enabled_cached")
 TARGETS = ("q_proj", "v_proj")
 
 
@@ -60,12 +65,16 @@ def _status_kib(field: str) -> int:
 
 
 def _worker(method: str, hidden: int, layers: int, device: str | None, sparse_rate: float, seed: int,
-            out_path: str, threads: int | None = None, keep_tensors: bool = True) -> None:
+            out_path: str, threads: int | None = None, keep_tensors: bool = True, cache_dir: str | None = None) -> None:
     """One method's setup in this (fresh) process; writes its timing, peak memory and (``keep_tensors``) its
-    tensors to ``out_path``."""
+    tensors to ``out_path``. ``cache_dir``: the projection cache of the cached methods (the others run without)."""
     import warnings
 
     import torch
+    from peft import FrodConfig, get_peft_model
+
+    import frod_kernels.peft as fkp
+    from frod_kernels.projections import build_projections
 
     if threads:
         torch.set_num_threads(threads)
@@ -73,9 +82,9 @@ def _worker(method: str, hidden: int, layers: int, device: str | None, sparse_ra
     rss0 = _status_kib("VmRSS")
     reset = _reset_peak()
     t0 = time.perf_counter()
-    if method == "peft":
-        from peft import FrodConfig, get_peft_model
-
+    if method in ("peft", "peft_enabled_cached"):
+        if method == "peft_enabled_cached":
+            fkp.enable(cache=cache_dir)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             pm = get_peft_model(model, FrodConfig(target_modules=list(TARGETS), sparse_rate=sparse_rate,
@@ -91,12 +100,11 @@ def _worker(method: str, hidden: int, layers: int, device: str | None, sparse_ra
                 key = name.removeprefix("base_model.model.")
                 U[key], L[key] = frod_u["default"], mod.frod_lambda_l["default"].detach()
     else:
-        from frod_kernels.projections import build_projections
-
         weights = {k: m.weight for k, m in model.named_modules()
                    if isinstance(m, torch.nn.Linear) and k.rsplit(".", 1)[-1] in TARGETS}
         projs = build_projections(weights, sparse_rate=sparse_rate, projection_prng_key=seed, progressbar=False,
-                                  device=device, method="fast" if method == "frod_kernels_fast" else "exact")
+                                  device=device, method="fast" if method == "frod_kernels_fast" else "exact",
+                                  cache=cache_dir if method in CACHED else False)
         if device is not None and torch.device(device).type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - t0
@@ -137,6 +145,17 @@ def _compare(ref: dict, got: dict, weights: dict) -> dict:
     return out
 
 
+def _bitwise_same(a: dict, b: dict) -> bool:
+    import torch
+
+    return all(a[name].keys() == b[name].keys() and all(torch.equal(a[name][k], b[name][k]) for k in a[name])
+               for name in ("V", "s_indices", "U", "lambda_l"))
+
+
+def _cache_bytes(directory: str) -> int:
+    return sum(e.stat().st_size for e in os.scandir(directory) if e.is_file())
+
+
 def _eigen_check(tensors: dict, weights: dict) -> dict:
     from frod_kernels.reference import eigenbasis_error, reference_frod_eigenproblem
 
@@ -165,7 +184,9 @@ def bench_init(hidden: int = 1024, layers: int = 16, device: str | None = None, 
     "speedup_vs_peft": {method: float}, "parity": {method: {...}}, "eigenbasis_error_vs_float64": ... | None}``
     (parity: each frod_kernels method against PEFT, when both ran, with the reconstruction error of
     ``U diag(lambda_l) V^T`` against the base weights; ``eigen_check``: every method's V against a float64
-    reference of PEFT's eigenproblem, the worst category per measure). ``threads``: torch threads
+    reference of PEFT's eigenproblem, the worst category per measure). A cached method's result also has
+    ``first_setup_seconds`` (the process that filled the cache, writes included), ``cache_mib`` and
+    ``bitwise_same_as_first`` (its tensors against the filling process's). ``threads``: torch threads
     in both workers (default torch's); one thread measures the work itself, free of the waits that other load on
     the machine causes at the thread barriers of multi-threaded LAPACK.
     """
@@ -178,28 +199,46 @@ def bench_init(hidden: int = 1024, layers: int = 16, device: str | None = None, 
     # the tensors (all of U: gigabytes at 8B shapes) travel only when something compares them
     compare = len(methods) > 1 or eigen_check
     with tempfile.TemporaryDirectory() as tmp:
-        for method in methods:
-            path = os.path.join(tmp, f"{method}.pt")
+        def run(method: str, path: str, keep: bool, cache_dir: str | None = None):
             cmd = [sys.executable, os.path.abspath(__file__), "--_worker", method, "--hidden", str(hidden),
                    "--layers", str(layers), "--sparse-rate", str(sparse_rate), "--seed", str(seed), "--_out", path]
-            if not compare:
+            if not keep:
                 cmd += ["--_no-tensors"]
             if threads:
                 cmd += ["--threads", str(threads)]
-            if device is not None and method != "peft":
+            if device is not None and method not in ("peft", "peft_enabled_cached"):
                 cmd += ["--device", str(device)]
+            if cache_dir:
+                cmd += ["--_cache-dir", cache_dir]
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+            if proc.returncode != 0:
+                return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr else f"exit {proc.returncode}"}
+            return torch.load(path)
+
+        for method in methods:
+            cache_dir = first = None
+            if method in CACHED:  # the first setup fills the cache (and is the reference the second must equal)
+                cache_dir = os.path.join(tmp, f"cache-{method}")
+                first = run(method, os.path.join(tmp, f"{method}-first.pt"), True, cache_dir)
+                if "error" in first:
+                    results[method] = first
+                    continue
             # Other work on a shared machine slows BLAS/LAPACK's threads badly (their barriers wait for a core):
             # the 1-minute load average before each method says how much to trust its time.
             load = os.getloadavg()[0]
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
-            if proc.returncode != 0:
-                results[method] = {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr else
-                                   f"exit {proc.returncode}"}
+            out = run(method, os.path.join(tmp, f"{method}.pt"), compare or first is not None, cache_dir)
+            if "error" in out:
+                results[method] = out
                 continue
-            tensors[method] = torch.load(path)
-            results[method] = {k: tensors[method][k] for k in ("seconds", "peak_extra_mib", "peak_rss_mib",
-                                                               "gpu_peak_mib", "threads")}
+            results[method] = {k: out[k] for k in ("seconds", "peak_extra_mib", "peak_rss_mib", "gpu_peak_mib",
+                                                   "threads")}
             results[method]["load_avg_before"] = load
+            if first is not None:
+                results[method].update(first_setup_seconds=first["seconds"],
+                                       cache_mib=_cache_bytes(cache_dir) / 2**20,
+                                       bitwise_same_as_first=_bitwise_same(first, out))
+            if compare:
+                tensors[method] = out
     model = _model(hidden, layers) if compare else None
     weights = {} if model is None else {k: m.weight.detach() for k, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and k.rsplit(".", 1)[-1] in TARGETS}
@@ -236,6 +275,11 @@ def _table(report: dict) -> str:
         gpu = f"  GPU peak {r['gpu_peak_mib']:.0f} MiB" if r.get("gpu_peak_mib") is not None else ""
         lines.append(f"{method:<18}{r['seconds']:>10.2f}{extra:>16}{r['peak_rss_mib']:>14.0f}"
                      f"{r['load_avg_before']:>13.2f}{gpu}")
+    for method, r in report["results"].items():
+        if "bitwise_same_as_first" in r:
+            lines.append(f"{method}: a second setup; the first (filling the cache) took "
+                         f"{r['first_setup_seconds']:.2f} s, cache {r['cache_mib']:.0f} MiB, tensors bitwise the "
+                         f"first's: {r['bitwise_same_as_first']}")
     for method, speedup in (report["speedup_vs_peft"] or {}).items():
         lines.append(f"{method}: {speedup:.2f}x faster than PEFT")
     for method, parity in (report["parity"] or {}).items():
@@ -261,10 +305,11 @@ def main(argv=None) -> None:
     ap.add_argument("--_worker", help=argparse.SUPPRESS)
     ap.add_argument("--_out", help=argparse.SUPPRESS)
     ap.add_argument("--_no-tensors", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--_cache-dir", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._worker:
         _worker(args._worker, args.hidden, args.layers, args.device, args.sparse_rate, args.seed, args._out,
-                args.threads, keep_tensors=not args._no_tensors)
+                args.threads, keep_tensors=not args._no_tensors, cache_dir=args._cache_dir)
         return
     report = bench_init(hidden=args.hidden, layers=args.layers, device=args.device, sparse_rate=args.sparse_rate,
                         seed=args.seed, methods=args.methods, threads=args.threads, eigen_check=args.eigen_check)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cache as projection_cache
 from . import projections
 from ._validation import check_base_weight, check_finite, check_layer_options, check_tensor, finite_mode
 from .layout import build_layout, check_pattern
@@ -116,6 +117,7 @@ class FrodLinear(nn.Module):
         train_bias: bool = False,
         adapter_dtype: Optional[torch.dtype] = torch.float32,
         projection_method: str = "exact",
+        cache: projection_cache.CacheArg = None,
     ) -> "FrodLinear":
         """FRoD layer starting exactly at ``linear`` (an ``nn.Linear`` or GPT-2 ``Conv1D``); ``linear`` is not changed.
 
@@ -132,11 +134,15 @@ class FrodLinear(nn.Module):
                 ``None`` keeps the base weight's dtype.
             projection_method: how ``V=None`` is computed: ``"exact"`` (PEFT's V bitwise) or ``"fast"``
                 (:func:`frod_kernels.projections.fast_basis`; see :func:`replace_linears`).
+            cache: the projection cache for V, the pattern, U and lambda_l
+                (:func:`frod_kernels.cache.cache_dir`): None (default: on unless ``FROD_CACHE=0``), True, False
+                (off) or a directory.
         """
         weight = _weight_out_in(linear)
         check_layer_options(sparse_rate=sparse_rate, seed=seed, dropout=dropout, adapter_dtype=adapter_dtype,
                             regularization_alpha=regularization_alpha, projection_method=projection_method)
         check_base_weight("linear.weight", weight)
+        projection_cache.cache_dir(cache)  # a bad argument fails before any computation
         fan_in_fan_out = Conv1D is not None and isinstance(linear, Conv1D)
         if isinstance(V, FrodBasis):
             basis = V
@@ -149,16 +155,22 @@ class FrodLinear(nn.Module):
                 # before FrodBasis casts it to int64, which would truncate float indices silently
                 check_pattern(s_indices, weight.shape[1])
             if V is None:
-                basis_of = projections.fast_basis if projection_method == "fast" else projections.basis_from_weights
-                V = basis_of([weight.detach().float().cpu()], regularization_alpha)
-            if s_indices is None:
-                gen = torch.Generator().manual_seed(seed)
-                s_indices = projections.sparse_pattern(V.shape[0], sparse_rate, gen)
+                # a category of one layer; its pattern is the first (and only) draw of the seed's generator, and
+                # with a pattern given none is drawn (sparse_rate 0)
+                proj, = projections.build_projections(
+                    {"weight": weight}, sparse_rate=sparse_rate if s_indices is None else 0.0,
+                    projection_prng_key=seed, progressbar=False,
+                    regularization_alpha=regularization_alpha, with_layers=False, method=projection_method,
+                    cache=cache).values()
+                V = proj.V
+                s_indices = proj.s_indices if s_indices is None else s_indices
+            elif s_indices is None:
+                s_indices = projections.cached_pattern(V.shape[0], sparse_rate, seed, cache)
             basis = FrodBasis(V.detach().to(device=weight.device, dtype=weight.dtype), s_indices)
         if basis.V.shape[0] != weight.shape[1]:
             raise ValueError(f"V: basis is {basis.V.shape[0]}-dimensional but the layer has in_features="
                              f"{weight.shape[1]}")
-        U, lam = projections.u_and_lambda(basis.V, weight)
+        U, lam = projections.u_and_lambda(basis.V, weight, cache=cache)
         return cls._from_parts(linear, weight, basis, U, lam, dropout, train_bias, adapter_dtype, fan_in_fan_out)
 
     @classmethod
@@ -230,6 +242,7 @@ def replace_linears(
     adapter_dtype: Optional[torch.dtype] = torch.float32,
     progressbar: bool = True,
     projection_method: str = "exact",
+    cache: projection_cache.CacheArg = None,
 ) -> nn.Module:
     """Replace the matching ``nn.Linear``/``Conv1D`` modules of ``model`` (in place) with ``FrodLinear`` layers.
 
@@ -243,6 +256,10 @@ def replace_linears(
     but with other column signs and other bases inside near-equal eigenvalues, so not PEFT's tensors. V and U are
     parameters of the layers, saved in the model's state dict, so such a model reloads as it was; only code that
     regenerates V from the base weights (PEFT's ``get_peft_model``) would not get it back.
+
+    ``cache``: the projection cache (:func:`frod_kernels.cache.cache_dir`): None (default: on unless
+    ``FROD_CACHE=0``), True, False (off) or a directory. A second call on the same weights reads the projections
+    the first one computed.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -270,7 +287,7 @@ def replace_linears(
         check_base_weight(f"{k}.weight", w)
     projs = projections.build_projections(
         weights, sparse_rate=sparse_rate, projection_prng_key=seed, regularization_alpha=regularization_alpha,
-        progressbar=progressbar, with_layers=True, method=projection_method)
+        progressbar=progressbar, with_layers=True, method=projection_method, cache=cache)
     for cat in projs.values():
         first = weights[cat.keys[0]]
         basis = FrodBasis(cat.V.to(device=first.device, dtype=first.dtype), cat.s_indices)

@@ -24,6 +24,11 @@ PEFT keeps ``frod_V`` and ``frod_s_indices`` on the CPU and copies them to the a
 here the device/dtype copies and the packed pattern layout are cached per shared tensor (one V per category on
 the device, not one per layer) and rebuilt only when the source tensor is replaced or written in place.
 
+Projection setup goes through the projection cache (:mod:`frod_kernels.cache`; ``enable(cache=...)``): a second
+``get_peft_model`` or ``from_pretrained`` of the same base model reads V, the patterns, U and lambda_l the first one
+computed, also under another BLAS thread count, so a ``save_projection=False`` adapter reloaded on the machine that
+trained it gets the very V it was trained with.
+
 Checkpoints (``PeftModel.save_pretrained`` / ``load_adapter``, hence ``from_pretrained``, wrapped the same way): an
 accelerated model saves a fingerprint of each adapter's projections next to its ``adapter_config.json``
 (:mod:`frod_kernels.fingerprint`; plain PEFT ignores the file), and loading into an accelerated model compares
@@ -55,6 +60,7 @@ try:
 except ImportError as e:  # peft is optional for frod-kernels itself
     raise ImportError("frod_kernels.peft needs PEFT with FRoD support (pip install 'peft>=0.20')") from e
 
+from . import cache as projection_cache
 from . import fingerprint, projections
 from .layout import build_layout, cached_derived, check_pattern
 from .ops import frod_linear
@@ -68,6 +74,7 @@ _PEFT_INIT_PROJECTIONS = _FrodModel._init_frod_projections
 _PEFT_CREATE_AND_REPLACE = _FrodModel._create_and_replace
 _PEFT_U_AND_LAMBDA = _peft_layer.FrodLayer._calculate_frod_u_and_lambda
 _PEFT_INJECT = _FrodModel.inject_adapter  # BaseTuner's: FrodModel inherits it
+_PEFT_TUNER_INIT = _FrodModel.__init__  # BaseTuner's too
 _PeftModel = _peft_peft_model.PeftModel
 _PEFT_SAVE = _PeftModel.save_pretrained
 _PEFT_LOAD_ADAPTER = _PeftModel.load_adapter
@@ -80,23 +87,28 @@ class ProjectionMismatchWarning(UserWarning):
 
 
 _enabled = False
+_cache: projection_cache.CacheArg = None  # enable()'s cache argument, resolved at each setup
 # the FRoD layers (and FrodModels) that accelerate() covers
 _accelerated: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
-def enable() -> None:
+def enable(cache: projection_cache.CacheArg = None) -> None:
     """From now on every PEFT FRoD layer runs through frod-kernels where it can (see the module docstring), and
     PEFT's projection setup uses :mod:`frod_kernels.projections` (bitwise the same V, pattern, U and lambda_l:
-    no n*n grid of positions for the pattern, one LU factorization of V per category instead of one per layer)."""
-    global _enabled
-    _enabled = True
+    no n*n grid of positions for the pattern, one LU factorization of V per category instead of one per layer).
+
+    ``cache``: where that setup caches its projections (:func:`frod_kernels.cache.cache_dir`): None (default: on
+    unless ``FROD_CACHE=0``), True, False (off) or a directory; it also applies to :func:`accelerate`'d models."""
+    global _enabled, _cache
+    projection_cache.cache_dir(cache)  # a bad argument fails here rather than in the first setup
+    _enabled, _cache = True, cache
     _install()
 
 
 def disable() -> None:
     """Back to PEFT everywhere: clears :func:`enable` and every :func:`accelerate`, and restores PEFT's methods."""
-    global _enabled
-    _enabled = False
+    global _enabled, _cache
+    _enabled, _cache = False, None
     _accelerated.clear()
     _uninstall()
 
@@ -146,6 +158,7 @@ def _install() -> None:
     _FrodModel._init_frod_projections = _init_frod_projections
     _FrodModel._create_and_replace = _create_and_replace
     _FrodModel.inject_adapter = _inject_adapter
+    _FrodModel.__init__ = _tuner_init
     _peft_layer.FrodLayer._calculate_frod_u_and_lambda = _calculate_frod_u_and_lambda
     _PeftModel.save_pretrained = _save_pretrained
     _PeftModel.load_adapter = _load_adapter
@@ -155,8 +168,9 @@ def _uninstall() -> None:
     _Linear.forward = _PEFT_FORWARD
     _FrodModel._init_frod_projections = _PEFT_INIT_PROJECTIONS
     _FrodModel._create_and_replace = _PEFT_CREATE_AND_REPLACE
-    if "inject_adapter" in vars(_FrodModel):
-        del _FrodModel.inject_adapter
+    for name in ("inject_adapter", "__init__"):
+        if name in vars(_FrodModel):
+            delattr(_FrodModel, name)
     _peft_layer.FrodLayer._calculate_frod_u_and_lambda = _PEFT_U_AND_LAMBDA
     _PeftModel.save_pretrained = _PEFT_SAVE
     _PeftModel.load_adapter = _PEFT_LOAD_ADAPTER
@@ -274,7 +288,8 @@ def _init_frod_projections(self, config, adapter_name: str) -> None:
 
     projs = projections.build_projections(
         weights, sparse_rate=config.sparse_rate, projection_prng_key=config.projection_prng_key,
-        regularization_alpha=config.regularization_alpha, progressbar=config.progressbar, with_layers=False)
+        regularization_alpha=config.regularization_alpha, progressbar=config.progressbar, with_layers=False,
+        cache=_cache)
 
     # PEFT stores V in the dtype of the category's weight at the first layer index inserted into its per-layer
     # dict (where a later key of the same index overwrites an earlier one)
@@ -311,7 +326,8 @@ def _create_and_replace(self, *args: Any, **kwargs: Any):
 
 # Each layer's U and lambda_l solve V B^T = W^T in float64; PEFT's torch.linalg.solve LU-factorizes the category's
 # V again for every layer. The solver below factorizes it once (the same LAPACK getrf, then getrs per layer: the
-# same bits). The factorizations (float64, in x in per category) live only while one adapter is injected.
+# same bits), and only on a cache miss. The factorizations (float64, in x in per category) live only while one
+# adapter is injected.
 _SOLVERS: dict[int, tuple[weakref.ref, int, Any]] = {}
 
 
@@ -320,14 +336,27 @@ def _calculate_frod_u_and_lambda(self, V, W):
     # a layer being built is not in _accelerated yet: the global flag, or the model's injection, decides
     if not (_enabled or _injecting_accelerated) or V.device.type != "cpu":
         return _PEFT_U_AND_LAMBDA(self, V, W)
-    hit = _SOLVERS.get(id(V))
-    if hit is None or hit[0]() is not V or hit[1] != V._version:
-        hit = (weakref.ref(V), V._version, projections.VSolver(V, torch.device("cpu")))
-        _SOLVERS[id(V)] = hit
-    return hit[2](W)
+
+    def solve():
+        hit = _SOLVERS.get(id(V))
+        if hit is None or hit[0]() is not V or hit[1] != V._version:
+            hit = (weakref.ref(V), V._version, projections.VSolver(V, torch.device("cpu")))
+            _SOLVERS[id(V)] = hit
+        return hit[2](W)
+
+    # the same computation as build_projections' per-layer solve, so the two share cache entries
+    return projections.cached_u_and_lambda(projection_cache.open_store(_cache), "lu-cpu", V, W, solve)
 
 
 _injecting_accelerated = False
+
+
+@functools.wraps(_PEFT_TUNER_INIT)
+def _tuner_init(self, *args: Any, **kwargs: Any):
+    # BaseTuner.__init__ builds the projections (its pre-injection hook), then injects the layers: each weight, and
+    # each category's V, is hashed once for the category's cache entries and its layers'
+    with projection_cache.digest_scope():
+        return _PEFT_TUNER_INIT(self, *args, **kwargs)
 
 
 @functools.wraps(_PEFT_INJECT)
@@ -335,7 +364,8 @@ def _inject_adapter(self, *args: Any, **kwargs: Any):
     global _injecting_accelerated
     _injecting_accelerated = self in _accelerated
     try:
-        return _PEFT_INJECT(self, *args, **kwargs)
+        with projection_cache.digest_scope():  # a later add_adapter/load_adapter injects outside _tuner_init
+            return _PEFT_INJECT(self, *args, **kwargs)
     finally:
         _injecting_accelerated = False
         _SOLVERS.clear()

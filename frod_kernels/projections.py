@@ -36,21 +36,28 @@ What is the same and what is faster here:
 - GPU route (``device="cuda"``): the decompositions run on the GPU in float64. cuSOLVER's QR and eigh are not
   LAPACK's, so its V can differ from PEFT's beyond rounding (eigenvector signs, near-equal eigenvalues), as the
   fast route's does, and it is for the same uses.
+- Cache (``cache=``, :mod:`frod_kernels.cache`): every route looks its V, patterns, U and lambda_l up on disk
+  first, keyed by the content of what they are computed from, so a second setup of the same model reads the
+  tensors the first one computed instead of computing them again.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from . import cache as projection_cache
+
 __all__ = [
     "CategoryProjection",
     "basis_from_weights",
     "build_projections",
+    "cached_pattern",
+    "cached_u_and_lambda",
     "category_from_key",
     "fast_basis",
     "layer_index_from_key",
@@ -250,21 +257,45 @@ def _normalize_columns(bi: Tensor) -> tuple[Tensor, Tensor]:
     return bi.float().contiguous(), lambda_l.float()
 
 
-def u_and_lambda(V: Tensor, W: Tensor) -> tuple[Tensor, Tensor]:
+def u_and_lambda(V: Tensor, W: Tensor, *, cache: projection_cache.CacheArg = False) -> tuple[Tensor, Tensor]:
     """(U float32 (out, in), lambda_l float32 (in,)) as PEFT's ``Linear._calculate_frod_u_and_lambda``:
     ``B = solve(V, W^T)^T`` in float64 (pinv fallback for a singular V), ``lambda_l`` its column norms,
-    ``U = B / lambda_l`` (columns with ``lambda_l <= 1e-12`` stay zero). ``W`` is (out, in), nn.Linear orientation."""
+    ``U = B / lambda_l`` (columns with ``lambda_l <= 1e-12`` stay zero). ``W`` is (out, in), nn.Linear orientation.
+    ``cache``: look the result up in (and write it to) the projection cache (:func:`frod_kernels.cache.cache_dir`)."""
     if V.dim() != 2 or V.shape[0] != V.shape[1]:
         raise ValueError(f"V: expected a square (in, in) basis, got shape {tuple(V.shape)}")
     if W.dim() != 2 or W.shape[1] != V.shape[0]:
         raise ValueError(f"W: expected shape (out, {V.shape[0]}) (in_features from V), got {tuple(W.shape)}")
-    w = W.detach().to(torch.float64).cpu()
-    v = V.detach().to(torch.float64).cpu()
-    try:
-        bi = torch.linalg.solve(v, w.T).T
-    except RuntimeError:
-        bi = w @ torch.linalg.pinv(v, rtol=1e-6).T
-    return _normalize_columns(bi)
+
+    def solve():
+        w = W.detach().to(torch.float64).cpu()
+        v = V.detach().to(torch.float64).cpu()
+        try:
+            bi = torch.linalg.solve(v, w.T).T
+        except RuntimeError:
+            bi = w @ torch.linalg.pinv(v, rtol=1e-6).T
+        return _normalize_columns(bi)
+
+    return cached_u_and_lambda(projection_cache.open_store(cache), "solve-cpu", V, W, solve)
+
+
+def cached_u_and_lambda(store: Optional[projection_cache.Store], solver: str, V: Tensor, W: Tensor,
+                        compute: Callable[[], tuple[Tensor, Tensor]], V_digest: Optional[str] = None,
+                        W_digest: Optional[str] = None, info: Optional[dict] = None) -> tuple[Tensor, Tensor]:
+    """``compute()``'s (U, lambda_l) for ``V B^T = W^T``, through the cache's U entry keyed by the content of V (as
+    the solve sees it: its dtype), of W and by ``solver`` (a name for the computation; entries with one name must
+    come from the same code). ``store`` None: just ``compute()``. The digests, where the caller has them, save
+    hashing again."""
+    if store is None:
+        return compute()
+    V_digest = V_digest or projection_cache.tensor_digest(V)
+    W_digest = W_digest or projection_cache.tensor_digest(W)
+    out = store.fetch("U", {"solver": solver, "V": V_digest, "W": W_digest},
+                      lambda: dict(zip(("U", "lambda_l"), compute())),
+                      expect={"U": (torch.float32, (W.shape[0], V.shape[0])),
+                              "lambda_l": (torch.float32, (V.shape[0],))},
+                      info={"width": V.shape[0], "out": W.shape[0], "solver": solver, **(info or {})})
+    return out["U"], out["lambda_l"]
 
 
 class VSolver:
@@ -316,6 +347,43 @@ def sparse_pattern(n: int, sparse_rate: float, generator: torch.Generator) -> Te
     return torch.stack([rows, cols])
 
 
+class _Patterns:
+    """Categories' patterns drawn in turn from one generator seeded with ``seed`` (PEFT's order), each through the
+    cache's S entry. The randperm is most of a cached setup's time otherwise (about 0.5 s at width 2048). A hit
+    stores the generator's state after its draw, which the next miss resumes from: the state before a draw is
+    fixed by the seed and the sizes drawn before it, which key the entry."""
+
+    def __init__(self, store: Optional[projection_cache.Store], seed: int, sparse_rate: float):
+        self.store, self.seed, self.sparse_rate = store, seed, sparse_rate
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        self.draws: list[int] = []  # the sizes of the randperms drawn so far
+
+    def draw(self, n: int, info: Optional[dict] = None) -> Tensor:
+        nnz = _pattern_size(n, self.sparse_rate)
+        if self.store is None or nnz == 0:  # an empty pattern draws nothing
+            return sparse_pattern(n, self.sparse_rate, self.generator)
+        fields = {"seed": self.seed, "torch": torch.__version__, "draws_before": self.draws, "n": n, "nnz": nnz}
+        self.draws = self.draws + [n * (n - 1)]
+
+        def compute():
+            s_indices = sparse_pattern(n, self.sparse_rate, self.generator)
+            return {"s_indices": s_indices, "generator_state": self.generator.get_state()}
+
+        out = self.store.fetch("S", fields, compute, info={"width": n, "nnz": nnz, **(info or {})},
+                               expect={"s_indices": (torch.long, (2, nnz)), "generator_state": (torch.uint8, None)})
+        self.generator.set_state(out["generator_state"])  # a hit did not draw: resume where its draw left off
+        return out["s_indices"]
+
+
+def cached_pattern(n: int, sparse_rate: float, projection_prng_key: int,
+                   cache: projection_cache.CacheArg = None) -> Tensor:
+    """``sparse_pattern(n, sparse_rate, torch.Generator().manual_seed(projection_prng_key))`` (a first category's
+    pattern), through the projection cache."""
+    if not 0.0 <= sparse_rate <= 1.0:
+        raise ValueError(f"sparse_rate: expected a fraction in [0, 1], got {sparse_rate}")
+    return _Patterns(projection_cache.open_store(cache), projection_prng_key, sparse_rate).draw(n)
+
+
 @dataclass
 class CategoryProjection:
     """The projections of one category: its shared V and pattern, and each layer's U and lambda_l."""
@@ -355,9 +423,20 @@ def _basis_gpu(weights: Sequence[Tensor], regularization_alpha: float, device: t
     return _peft_basis(matrices, regularization_alpha).float().cpu()
 
 
+def _basis(weights: Sequence[Tensor], regularization_alpha: float, route: str,
+           device: torch.device) -> tuple[Tensor, Optional[_FastFactors]]:
+    """(V, the fast route's factors or None) by ``route``'s construction ("exact", "fast" or "cuda")."""
+    if route == "cuda":
+        return _basis_gpu(weights, regularization_alpha, device), None
+    if route == "fast" and (factors := _fast_factors(weights, regularization_alpha)) is not None:
+        return factors.V, factors
+    return basis_from_weights(weights, regularization_alpha), None
+
+
 def build_projections(weights: Mapping[str, Tensor], *, sparse_rate: float = 0.01, projection_prng_key: int = 0,
                       regularization_alpha: float = 1e-3, progressbar: bool = True, with_layers: bool = True,
-                      device=None, method: str = "exact") -> dict[str, CategoryProjection]:
+                      device=None, method: str = "exact",
+                      cache: projection_cache.CacheArg = None) -> dict[str, CategoryProjection]:
     """PEFT's projections for every category of ``weights``, as ``FrodModel._init_frod_projections`` and each
     layer's ``update_layer`` compute them.
 
@@ -376,6 +455,9 @@ def build_projections(weights: Mapping[str, Tensor], *, sparse_rate: float = 0.0
             threads). ``"fast"``: :func:`fast_basis` (V equal to PEFT's only up to column signs and the
             eigenproblem's conditioning): for projections that are saved with the adapter. U and lambda_l are
             solved against whichever V in float64 either way, so ``U diag(lambda_l) V^T`` reproduces each weight.
+        cache: the projection cache (:func:`frod_kernels.cache.cache_dir`): None (default: on unless
+            ``FROD_CACHE=0``), True, False (off) or a directory. Every tensor returned is then what the
+            computation gave when its entry was written (bitwise, also under another BLAS thread count).
 
     Returns:
         category name -> :class:`CategoryProjection`, in sorted category order. ``keys`` lists every key of the
@@ -398,6 +480,7 @@ def build_projections(weights: Mapping[str, Tensor], *, sparse_rate: float = 0.0
     dev = _resolve_device(device)
     if method not in ("exact", "fast"):
         raise ValueError(f"method: expected 'exact' or 'fast', got {method!r}")
+    store = projection_cache.open_store(cache)
 
     groups = _group(weights)
     for name, members in groups.items():
@@ -407,7 +490,9 @@ def build_projections(weights: Mapping[str, Tensor], *, sparse_rate: float = 0.0
             raise ValueError(f"weights: category {name!r} mixes in_features ({detail}); the layers of one category "
                              f"share V and need one in_features")
 
-    generator = torch.Generator(device="cpu").manual_seed(projection_prng_key)
+    route = "cuda" if dev.type == "cuda" else method
+    digest = dict(zip(weights, projection_cache.digests(list(weights.values())))) if store is not None else {}
+    patterns = _Patterns(store, projection_prng_key, sparse_rate)
     result: dict[str, CategoryProjection] = {}
     for name in sorted(groups):
         members = groups[name]
@@ -415,44 +500,69 @@ def build_projections(weights: Mapping[str, Tensor], *, sparse_rate: float = 0.0
         # PEFT keeps one weight per (layer index, category): the last key seen for that index.
         basis_keys = list({idx: k for idx, k in members}.values())
         width = weights[keys[0]].shape[1]
+        # PEFT rounds V to the first (insertion-order) weight's dtype for its buffer, then to each layer's dtype
+        # before its float64 solve: U is computed from those roundings.
+        key_set = set(keys)
+        buffer_dtype = weights[next(k for k in weights if k in key_set)].dtype
+        # The fast route's float32 layers: B = W V^-T is Q1_l R2^-1 E, one product with factors that are well
+        # conditioned, so U diag(lambda_l) V^T reproduces W to float32 rounding without a solve. Those U come from
+        # the category's factors, not from V alone, so they are cached with V, in one entry.
+        product = with_layers and route == "fast" and buffer_dtype == torch.float32
+        basis_fields = {"route": route, "alpha": float(regularization_alpha).hex(), "product_u": product,
+                        "weights": [digest[k] for k in basis_keys] if store is not None else None}
+        info = {"category": name, "layers": len(basis_keys), "width": width, "route": route}
         bar = tqdm(total=1 + (len(keys) if with_layers else 0), disable=not progressbar, unit="step",
                    desc=f"FRoD {name} ({len(basis_keys)} layers, width {width})")
         with bar:
-            basis_weights = [weights[k] for k in basis_keys]
-            factors = None
-            if dev.type == "cuda":
-                V = _basis_gpu(basis_weights, regularization_alpha, dev)
-            elif method == "fast" and (factors := _fast_factors(basis_weights, regularization_alpha)) is not None:
-                V = factors.V
+            entry = None if store is None else store.get("V", basis_fields, {"V": (torch.float32, (width, width))})
+            if entry is None:
+                V, factors = _basis([weights[k] for k in basis_keys], regularization_alpha, route, dev)
             else:
-                V = basis_from_weights(basis_weights, regularization_alpha)
-            del basis_weights
+                V, factors = entry["V"], None
+                bar.set_postfix_str("from cache")
             bar.update(1)
-            s_indices = sparse_pattern(width, sparse_rate, generator)
-            proj = CategoryProjection(name=name, V=V, s_indices=s_indices, keys=keys)
+            proj = CategoryProjection(name=name, V=V, s_indices=patterns.draw(width, {"category": name}), keys=keys)
             if with_layers:
-                # PEFT rounds V to the first (insertion-order) weight's dtype for its buffer, then to each layer's
-                # dtype before its float64 solve: U is computed from those roundings.
-                key_set = set(keys)
-                buffer_dtype = weights[next(k for k in weights if k in key_set)].dtype
-                # The fast route's float32 layers: B = W V^-T is Q1_l R2^-1 E, one product with factors that are
-                # well conditioned, so U diag(lambda_l) V^T reproduces W to float32 rounding without a solve.
                 fast_b: dict[str, Tensor] = {}
-                if factors is not None and buffer_dtype == torch.float32:
+                if factors is not None and product:
                     fast_b = {k: q for k, q in zip(basis_keys, factors.q1) if weights[k].dtype == torch.float32}
                     factors.q1 = []
+                cached_product = {} if entry is None or not product else {
+                    basis_keys[j]: (entry[f"U.{j}"], entry[f"lambda_l.{j}"]) for j in entry["product_layers"].tolist()}
+                product_keys = set(fast_b) | set(cached_product)
+                seen: dict[torch.dtype, tuple[Tensor, Optional[str]]] = {}  # V as each weight dtype's solve sees it
                 solvers: dict[torch.dtype, VSolver] = {}
                 for key in keys:
                     w = weights[key]
-                    if key in fast_b:
+                    if key in cached_product:
+                        proj.U[key], lam = cached_product.pop(key)
+                    elif key in fast_b:
                         proj.U[key], lam = _normalize_columns(fast_b.pop(key) @ factors.x)
                     else:
-                        if w.dtype not in solvers:
-                            solvers[w.dtype] = VSolver(V.to(buffer_dtype).to(w.dtype), dev)
-                        proj.U[key], lam = solvers[w.dtype](w)
+                        if w.dtype not in seen:
+                            v = V.to(buffer_dtype).to(w.dtype)
+                            seen[w.dtype] = v, None if store is None else projection_cache.tensor_digest(v)
+
+                        def solve(v=seen[w.dtype][0], w=w):
+                            if w.dtype not in solvers:
+                                solvers[w.dtype] = VSolver(v, dev)
+                            return solvers[w.dtype](w)
+
+                        proj.U[key], lam = cached_u_and_lambda(store, f"lu-{dev.type}", seen[w.dtype][0], w, solve,
+                                                               seen[w.dtype][1], digest.get(key),
+                                                               {"category": name, "layer": key})
                     # PEFT makes lambda_l a parameter of the weight's dtype before its adapter autocast to float32.
                     proj.lambda_l[key] = lam.to(w.dtype).float()
                     bar.update(1)
+            if store is not None and entry is None:
+                tensors = {"V": V}
+                if product:
+                    # float32 layers: lambda_l is the computed one, unrounded
+                    js = [j for j, k in enumerate(basis_keys) if k in product_keys]
+                    tensors["product_layers"] = torch.tensor(js, dtype=torch.long)
+                    for j in js:
+                        key = basis_keys[j]
+                        tensors[f"U.{j}"], tensors[f"lambda_l.{j}"] = proj.U[key], proj.lambda_l[key]
+                store.put("V", basis_fields, tensors, info)
             result[name] = proj
     return result
-

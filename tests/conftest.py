@@ -1,6 +1,15 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 import torch
+
+# The projection cache is off in the tests, and points at a throwaway directory should a test turn it on without
+# naming one: nothing is written into the user's cache. The cache's own tests pass their directories.
+os.environ["FROD_CACHE"] = "0"
+os.environ["FROD_CACHE_DIR"] = tempfile.mkdtemp(prefix="frod-cache-tests-")
+atexit.register(shutil.rmtree, os.environ["FROD_CACHE_DIR"], True)
 
 # Triton fixes at its own import whether its jit functions run interpreted, and importing peft or transformers
 # imports triton: switch the interpreter on before anything can, so the Triton kernels run on the CPU. "auto" never

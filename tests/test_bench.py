@@ -122,6 +122,12 @@ def test_cli_writes_results_plots_and_summary(tmp_path, capsys):
     # its row must still time it and keep the pattern.
     fast = init["frod_kernels build_projections (cpu, fast)"]
     assert fast["median_ms"] > 0 and fast["same_pattern"], fast
+    # A second setup from the projection cache: bitwise the first (uncached) setup's tensors.
+    for name in ("PEFT get_peft_model + frod_kernels.peft.enable(), cached",
+                 "frod_kernels build_projections (cpu, cached)"):
+        r = init[name]
+        assert r.get("median_ms", 0) > 0 and r["bitwise_same_as_uncached"] is True and r["same_pattern"], r
+    assert "bitwise_same_as_uncached" not in init["frod_kernels build_projections (cpu)"]
 
     for name in ("layer_96x80_float32.png", "train.png", "init.png"):
         png = (tmp_path / name).read_bytes()

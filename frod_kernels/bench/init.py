@@ -10,12 +10,17 @@ are from PEFT's (largest relative difference over categories and layers, V's and
 PEFT's first): the exact CPU route matches PEFT bitwise, the fast CPU route (``method="fast"``) and the CUDA route
 only up to the eigenproblem's conditioning (see :mod:`frod_kernels.projections`); ``bench/init_projections.py
 --eigen-check`` holds them to a float64 reference instead.
+
+The "cached" rows time a second setup of the same model: an untimed first one fills a temporary projection cache
+(:mod:`frod_kernels.cache`; never the user's), the timed ones read it, and ``bitwise_same_as_uncached`` says
+whether their tensors equal the uncached row's bitwise. Every other row runs with the cache off.
 """
 
 from __future__ import annotations
 
 import copy
 import gc
+import tempfile
 import time
 from typing import Callable
 
@@ -29,20 +34,21 @@ from .common import Sizes, dtype_name, summarize, synchronize
 
 PEFT_INIT = "PEFT get_peft_model(FrodConfig)"
 PEFT_ENABLED = "PEFT get_peft_model + frod_kernels.peft.enable()"
+PEFT_ENABLED_CACHED = "PEFT get_peft_model + frod_kernels.peft.enable(), cached"
 
 
 def fk_init(route: str) -> str:
     return f"frod_kernels build_projections ({route})"
 
 
-def _routes(device: torch.device) -> list[tuple[str, str, str]]:
-    """(label, device, method) of each build_projections route to time."""
-    return [("cpu", "cpu", "exact"), ("cpu, fast", "cpu", "fast")] + (
-        [("cuda", "cuda", "exact")] if device.type == "cuda" else [])
+def _routes(device: torch.device) -> list[tuple[str, str, str, bool]]:
+    """(label, device, method, cached) of each build_projections route to time."""
+    return [("cpu", "cpu", "exact", False), ("cpu, fast", "cpu", "fast", False), ("cpu, cached", "cpu", "exact", True)
+            ] + ([("cuda", "cuda", "exact", False)] if device.type == "cuda" else [])
 
 
 def n_steps(sizes: Sizes, device: torch.device) -> int:
-    return 2 + len(_routes(device))
+    return 3 + len(_routes(device))
 
 
 def _build_projections():
@@ -75,15 +81,15 @@ def _time_runs(fn, repeats: int, device: torch.device, prepare=lambda: None):
     return summarize(times), result
 
 
-def _enabled_init():
-    """``get_peft_model`` under ``frod_kernels.peft.enable()``, or the reason it cannot run."""
+def _enabled_init(cache):
+    """``get_peft_model`` under ``frod_kernels.peft.enable(cache=cache)``, or the reason it cannot run."""
     try:
         import frod_kernels.peft as fkp
     except ImportError as e:
         return None, f"frod_kernels.peft is not available ({e})"
 
     def init(model):
-        fkp.enable()
+        fkp.enable(cache=cache)
         try:
             return peft_models.wrap(model, peft_models.frod_config(peft_models.TARGETS))
         finally:
@@ -109,6 +115,15 @@ def _as_projections(peft_model) -> dict:
     return out
 
 
+def _same_tensors(a: dict, b: dict) -> bool:
+    """Whether two results (category -> CategoryProjection) hold bitwise the same V, patterns, U and lambda_l."""
+    def same(p, q):
+        return (torch.equal(p.V, q.V) and torch.equal(p.s_indices, q.s_indices) and p.U.keys() == q.U.keys()
+                and all(torch.equal(p.U[k], q.U[k]) and torch.equal(p.lambda_l[k], q.lambda_l[k]) for k in p.U))
+
+    return a.keys() == b.keys() and all(same(a[c], b[c]) for c in a)
+
+
 def _difference_from_peft(projections: dict, peft_model) -> dict:
     base = peft_model.base_model
     v_err = u_err = lam_err = 0.0
@@ -125,6 +140,47 @@ def _difference_from_peft(projections: dict, peft_model) -> dict:
             u_err = max(u_err, rel_err(proj.U[key].to(U.dtype) * sign.to(U.dtype), U))
             lam_err = max(lam_err, rel_err(proj.lambda_l[key], layer.frod_lambda_l["default"]))
     return {"rel_diff_V": v_err, "rel_diff_U": u_err, "rel_diff_lambda_l": lam_err, "same_pattern": same_pattern}
+
+
+def _frod_rows(model, base: dict, device: torch.device, sizes: Sizes, peft_model, cache_dir: str,
+               tick: Callable[[str], None]) -> list[dict]:
+    """The frod-kernels rows; a cached row's first, untimed, setup fills ``cache_dir``."""
+    # (name, fn, why not, prepare, as_projections, the uncached row a cached one must equal)
+    candidates = []
+    for name, cache, same_as in ((PEFT_ENABLED, False, None), (PEFT_ENABLED_CACHED, cache_dir, PEFT_ENABLED)):
+        enabled, reason = _enabled_init(cache)
+        candidates.append((name, enabled, reason, lambda: copy.deepcopy(model), _as_projections, same_as))
+    build, reason = _build_projections()
+    weights = target_weights(model)
+    for label, route, method, cached in _routes(device):
+        cache = cache_dir if cached else False
+        fn = None if build is None else (lambda _, route=route, method=method, cache=cache: build(
+            weights, sparse_rate=0.01, projection_prng_key=0, progressbar=False, device=route, method=method,
+            cache=cache))
+        candidates.append((fk_init(label), fn, reason, lambda: None, lambda projections: projections,
+                           fk_init("cpu") if cached else None))
+
+    rows, outputs = [], {}
+    for name, fn, reason, prepare, as_projections, same_as in candidates:
+        tick(f"init {name}")
+        row = dict(base, method=name)
+        if fn is None:
+            row["skipped"] = reason
+        else:
+            try:
+                if same_as is not None:
+                    fn(prepare())  # the first setup, which fills the cache
+                stats, result = _time_runs(fn, sizes.init_repeats, device, prepare)
+                row.update(stats)
+                outputs[name] = as_projections(result)
+                if peft_model is not None:
+                    row.update(_difference_from_peft(outputs[name], peft_model))
+                if same_as in outputs:
+                    row["bitwise_same_as_uncached"] = _same_tensors(outputs[name], outputs[same_as])
+            except Exception as e:  # reported in its row
+                row["error"] = f"{type(e).__name__}: {e}"
+        rows.append(row)
+    return rows
 
 
 def run(sizes: Sizes, device: torch.device, tick: Callable[[str], None]) -> list[dict]:
@@ -145,30 +201,8 @@ def run(sizes: Sizes, device: torch.device, tick: Callable[[str], None]) -> list
         row["error"] = f"{type(e).__name__}: {e}"
     rows.append(row)
 
-    candidates = []
-    enabled, reason = _enabled_init()
-    candidates.append((PEFT_ENABLED, enabled, reason, lambda: copy.deepcopy(model), _as_projections))
-    build, reason = _build_projections()
-    weights = target_weights(model)
-    for label, route, method in _routes(device):
-        fn = None if build is None else (lambda _, route=route, method=method: build(
-            weights, sparse_rate=0.01, projection_prng_key=0, progressbar=False, device=route, method=method))
-        candidates.append((fk_init(label), fn, reason, lambda: None, lambda projections: projections))
-
-    for name, fn, reason, prepare, as_projections in candidates:
-        tick(f"init {name}")
-        row = dict(base, method=name)
-        if fn is None:
-            row["skipped"] = reason
-        else:
-            try:
-                stats, result = _time_runs(fn, sizes.init_repeats, device, prepare)
-                row.update(stats)
-                if peft_model is not None:
-                    row.update(_difference_from_peft(as_projections(result), peft_model))
-            except Exception as e:  # reported in its row
-                row["error"] = f"{type(e).__name__}: {e}"
-        rows.append(row)
+    with tempfile.TemporaryDirectory(prefix="frod-bench-cache-") as cache_dir:
+        rows += _frod_rows(model, base, device, sizes, peft_model, cache_dir, tick)
 
     peft_ms = rows[0].get("median_ms")
     for r in rows:

@@ -55,7 +55,7 @@ def init_table(rows: list[dict], markdown: bool = False) -> str:
     # V's and U's column signs are aligned with PEFT's first; the fast and CUDA routes differ beyond that inside
     # near-equal eigenvalues (see frod_kernels.projections)
     headers = ["model", "method", "median ms", "min-max ms", "speedup vs PEFT",
-               "rel diff V / U / lambda vs PEFT (signs aligned)", "same pattern", "note"]
+               "rel diff V / U / lambda vs PEFT (signs aligned)", "same pattern", "bitwise = uncached", "note"]
 
     def diffs(r):
         if "rel_diff_V" not in r:
@@ -66,7 +66,9 @@ def init_table(rows: list[dict], markdown: bool = False) -> str:
              fmt_ms(r.get("median_ms")),
              "-" if r.get("min_ms") is None else f"{fmt_ms(r['min_ms'])}-{fmt_ms(r['max_ms'])}",
              fmt_ratio(r.get("speedup_vs_peft")), diffs(r),
-             "-" if "same_pattern" not in r else ("yes" if r["same_pattern"] else "NO"), _note(r)] for r in rows]
+             "-" if "same_pattern" not in r else ("yes" if r["same_pattern"] else "NO"),
+             "-" if "bitwise_same_as_uncached" not in r else ("yes" if r["bitwise_same_as_uncached"] else "NO"),
+             _note(r)] for r in rows]
     return format_table(headers, body, markdown)
 
 

@@ -2,13 +2,19 @@
 counts the calls into the fused op, so a run that never took the fused path cannot pass for an accelerated one.
 
 Set ``FROD_FUSED_CALLS_FILE`` to a path to get the count written there at the end of the session.
+
+The projection cache is on, in a directory of the session's own (never the user's cache): PEFT's tests that build
+the same model twice then read its projections back, so they check the cache too.
 """
 
 import os
+import shutil
+import tempfile
 
 import frod_kernels.peft as fkp
 
 _calls = 0
+_cache_dir = tempfile.mkdtemp(prefix="frod-peft-suite-cache-")
 
 
 def pytest_configure(config):
@@ -20,10 +26,11 @@ def pytest_configure(config):
         return real(*args, **kwargs)
 
     fkp.frod_linear = counting
-    fkp.enable()
+    fkp.enable(cache=_cache_dir)
 
 
 def pytest_unconfigure(config):
+    shutil.rmtree(_cache_dir, ignore_errors=True)
     path = os.environ.get("FROD_FUSED_CALLS_FILE")
     if path:
         with open(path, "w") as f:
