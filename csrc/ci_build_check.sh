@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # CI compile check of csrc/ on a machine without a GPU: builds the extension against a CUDA build of torch in its
-# own venv (reused when present), loads it, checks its op schemas against the Python ones and runs
-# tests/test_cuda_backend.py (the GPU tests skip). Exits non-zero if anything fails to compile, link or load.
+# own venv (reused when present), loads it, checks its op schemas against the Python ones, runs
+# tests/test_cuda_backend.py (the GPU tests skip), then compiles every .cu for sm_80 and sm_90 with -Xptxas -v and
+# prints each kernel's registers, shared memory, stack frame and spills (csrc/ptxas_report.py). Exits non-zero if
+# anything fails to compile, link or load, or if any kernel spills or uses local memory.
 #
 # Works on a copy of the sources under $FROD_CUDA_CI_DIR (default build/cuda-ci) so that no extension built for
 # this torch lands in the repository's frod_kernels/, where the project's own venv (another torch) would find it.
@@ -67,4 +69,7 @@ PY
 
 echo "== tests/test_cuda_backend.py (GPU tests skip without a GPU)"
 "$py" -m pytest -q -p no:cacheprovider tests/test_cuda_backend.py
+
+echo "== ptxas report: csrc/*.cu for sm_80 and sm_90 (-Xptxas -v); fails on spills and local memory"
+"$py" csrc/ptxas_report.py --arch 80,90
 echo "== csrc/ci_build_check.sh passed in $((SECONDS - start)) s"

@@ -28,11 +28,22 @@ def autotune(gpu_configs: list[triton.Config], interp_config: triton.Config, key
 
     With one config Triton's autotuner launches it directly without benchmarking, which the interpreter (slow, and
     timing a CPU emulation says nothing about a GPU) needs. Results are cached per key for the process.
+
+    The returned decorator's autotuners carry ``gpu_configs`` either way: :mod:`.compile_report` compiles each of
+    them for real GPUs, also from a process that interprets.
     """
     if INTERPRET:
-        return triton.autotune(configs=[interp_config], key=key)
-    return triton.autotune(configs=gpu_configs, key=key,
-                           prune_configs_by={"early_config_prune": prune} if prune else None)
+        tune = triton.autotune(configs=[interp_config], key=key)
+    else:
+        tune = triton.autotune(configs=gpu_configs, key=key,
+                               prune_configs_by={"early_config_prune": prune} if prune else None)
+
+    def decorate(fn):
+        tuner = tune(fn)
+        tuner.gpu_configs = list(gpu_configs)
+        return tuner
+
+    return decorate
 
 
 def acc_dtype(dtype: torch.dtype):

@@ -69,19 +69,33 @@ def _cfg(br, bm, warps, stages=2):
     return triton.Config({"BLOCK_R": br, "BLOCK_M": bm}, num_warps=warps, num_stages=stages)
 
 
-# sm_90 (H100/H200): 2-16 warps, at most 32 fp32 elements of the tile per thread (checked with ptxas for sm_90: no
-# spills), 2-3 stages so the next gather is in flight while this one's FMAs run.
+# sm_80/sm_90: 2-8 warps, at most 32 fp32 elements of the tile per thread, 2-3 stages so the next gather is in
+# flight while this one's FMAs run. tests/test_triton_compile.py compiles every config for both GPUs and fails on
+# spills (python -m frod_kernels.triton.compile_report prints registers, spills, shared memory and occupancy).
 _ROWS_CONTIGUOUS = autotune(
     [_cfg(1, 256, 2), _cfg(1, 512, 4), _cfg(2, 512, 4), _cfg(4, 256, 4), _cfg(4, 512, 8, 3), _cfg(8, 128, 4),
      _cfg(16, 64, 4), _cfg(32, 32, 4), _cfg(64, 16, 4), _cfg(128, 16, 8)],
     _cfg(8, 32, 4), key=["m_key", "n_key"], prune=_prune,
 )(_row_gather_diag_kernel)
 
+# No 256 x 32 tile: at 8 warps sm_80's ptxas held it to 128 registers a thread and spilled (16-bit data, sizes not
+# multiples of 16); at 16 warps it spilled everywhere.
 _COLS_CONTIGUOUS = autotune(
-    [_cfg(64, 32, 4), _cfg(128, 32, 4), _cfg(64, 64, 8), _cfg(256, 32, 8), _cfg(32, 128, 8),
-     _cfg(256, 16, 4), _cfg(128, 16, 2)],
+    [_cfg(64, 32, 4), _cfg(128, 32, 4), _cfg(64, 64, 8), _cfg(32, 128, 8), _cfg(256, 16, 4), _cfg(128, 16, 2)],
     _cfg(16, 16, 4), key=["m_key", "n_key"], prune=_prune,
 )(_row_gather_diag_kernel)
+
+
+def kernel_launch(A: torch.Tensor, diag: torch.Tensor, weights: torch.Tensor, ptr: torch.Tensor, src: torch.Tensor,
+                  out: torch.Tensor):
+    """The autotuner that serves A's layout, with its launch arguments: what :func:`row_gather_diag` launches and
+    what :mod:`.compile_report` compiles for a GPU, so both see the same specialization."""
+    n, m = A.shape
+    # A column-contiguous A (U.t()) is read through its strides, never copied.
+    kernel = _COLS_CONTIGUOUS if A.stride(0) == 1 and A.stride(1) != 1 else _ROWS_CONTIGUOUS
+    args = (A, diag.contiguous(), weights.contiguous(), ptr.contiguous(), src.contiguous(), out, n, m, A.stride(0),
+            A.stride(1), bucket(m), bucket(n))
+    return kernel, args, {"ACC": acc_dtype(A.dtype)}
 
 
 def row_gather_diag(A: torch.Tensor, diag: torch.Tensor, weights: torch.Tensor, ptr: torch.Tensor,
@@ -93,12 +107,10 @@ def row_gather_diag(A: torch.Tensor, diag: torch.Tensor, weights: torch.Tensor, 
     out = torch.empty((n, m), dtype=store_dtype, device=A.device)
     if n == 0 or m == 0:
         return out.to(A.dtype)
-    # A column-contiguous A (U.t()) is read through its strides, never copied.
-    kernel = _COLS_CONTIGUOUS if A.stride(0) == 1 and A.stride(1) != 1 else _ROWS_CONTIGUOUS
 
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_R"]) * triton.cdiv(m, meta["BLOCK_M"]),)
 
-    kernel[grid](A, diag.contiguous(), weights.contiguous(), ptr.contiguous(), src.contiguous(), out, n, m,
-                 A.stride(0), A.stride(1), bucket(m), bucket(n), ACC=acc_dtype(A.dtype))
+    kernel, args, kwargs = kernel_launch(A, diag, weights, ptr, src, out)
+    kernel[grid](*args, **kwargs)
     return out.to(A.dtype)

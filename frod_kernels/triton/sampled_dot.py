@@ -75,11 +75,12 @@ def _cfg(br, bk, bm, warps, stages=2):
     return triton.Config({"BLOCK_R": br, "BLOCK_K": bk, "BLOCK_M": bm}, num_warps=warps, num_stages=stages)
 
 
-# sm_90 (H100/H200): the 3-D tile stays at 4-8k elements per program, 32-64 per thread, so acc and the gathered Q
-# tile fit in registers (checked with ptxas for sm_90: no spills).
+# sm_80/sm_90: the 3-D tile stays at 4096 elements per program, 16-32 per thread, so acc and the gathered Q tile fit
+# in registers. The 4 x 8 x 128 and 32 x 8 x 16 tiles take 8 warps: at 4, sm_80's ptxas spilled them (float32, or
+# sizes not multiples of 16). tests/test_triton_compile.py compiles every config for both GPUs and fails on spills.
 _KERNEL = autotune(
-    [_cfg(1, 16, 256, 4), _cfg(1, 32, 128, 4), _cfg(1, 64, 64, 8), _cfg(2, 16, 128, 4), _cfg(4, 8, 128, 4),
-     _cfg(4, 16, 64, 4), _cfg(16, 8, 32, 4), _cfg(32, 8, 16, 4), _cfg(64, 4, 16, 8), _cfg(16, 16, 16, 4)],
+    [_cfg(1, 16, 256, 4), _cfg(1, 32, 128, 4), _cfg(1, 64, 64, 8), _cfg(2, 16, 128, 4), _cfg(4, 8, 128, 8),
+     _cfg(4, 16, 64, 4), _cfg(16, 8, 32, 4), _cfg(32, 8, 16, 8), _cfg(64, 4, 16, 8), _cfg(16, 16, 16, 4)],
     _cfg(8, 4, 32, 4), key=["m_key", "deg_key"], prune=_prune,
 )(_sampled_dot_diag_kernel)
 
@@ -89,6 +90,19 @@ def n_splits(m: int) -> int:
     return max(1, min(MAX_SPLITS, triton.cdiv(m, SPLIT_CHUNK)))
 
 
+def kernel_launch(P: torch.Tensor, Q: torch.Tensor, ptr: torch.Tensor, src: torch.Tensor, vals: torch.Tensor,
+                  diag: torch.Tensor):
+    """The autotuner and its launch arguments for output buffers ``vals`` (chunks x nnz) and ``diag`` (chunks x n):
+    what :func:`sampled_dot_diag` launches and what :mod:`.compile_report` compiles for a GPU."""
+    n, m = P.shape
+    nnz = src.shape[0]
+    chunk = triton.cdiv(m, vals.shape[0])
+    mean_deg = triton.cdiv(nnz, n)
+    args = (P, Q, ptr.contiguous(), src.contiguous(), vals, diag, n, m, nnz, chunk, P.stride(0), P.stride(1),
+            Q.stride(0), Q.stride(1), bucket(m), bucket(mean_deg))
+    return _KERNEL, args, {"ACC": acc_dtype(P.dtype)}
+
+
 def sampled_dot_diag(P: torch.Tensor, Q: torch.Tensor, ptr: torch.Tensor, src: torch.Tensor):
     n, m = P.shape
     nnz = src.shape[0]
@@ -96,17 +110,15 @@ def sampled_dot_diag(P: torch.Tensor, Q: torch.Tensor, ptr: torch.Tensor, src: t
     if n == 0 or m == 0:
         return torch.zeros(nnz, dtype=acc, device=P.device), torch.zeros(n, dtype=acc, device=P.device)
     splits = n_splits(m)
-    chunk = triton.cdiv(m, splits)
     # One chunk writes the results in place; several write partial rows that the second pass sums in order.
     vals = torch.empty((splits, nnz), dtype=acc, device=P.device)
     diag = torch.empty((splits, n), dtype=acc, device=P.device)
-    mean_deg = triton.cdiv(nnz, n)
 
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_R"]), splits)
 
-    _KERNEL[grid](P, Q, ptr.contiguous(), src.contiguous(), vals, diag, n, m, nnz, chunk, P.stride(0), P.stride(1),
-                  Q.stride(0), Q.stride(1), bucket(m), bucket(mean_deg), ACC=acc_dtype(P.dtype))
+    kernel, args, kwargs = kernel_launch(P, Q, ptr, src, vals, diag)
+    kernel[grid](*args, **kwargs)
     if splits == 1:
         return vals[0], diag[0]
     return vals.sum(0), diag.sum(0)
