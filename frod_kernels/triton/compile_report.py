@@ -345,7 +345,7 @@ def summary(results: list[Result]) -> str:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "frod-kernels" / "triton-compile"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "frod_kernels" / "triton-compile"
 
 
 def main(argv=None) -> int:
