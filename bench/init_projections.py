@@ -192,6 +192,8 @@ def bench_init(hidden: int = 1024, layers: int = 16, device: str | None = None, 
     """
     import torch
 
+    from frod_kernels.bench.common import _cpu_model, _version
+
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise ValueError(f"methods: expected a subset of {METHODS}, got {sorted(unknown)}")
@@ -251,7 +253,8 @@ def bench_init(hidden: int = 1024, layers: int = 16, device: str | None = None, 
         "config": {"hidden": hidden, "layers": layers, "targets": list(TARGETS), "sparse_rate": sparse_rate,
                    "projection_prng_key": seed, "device": device or "cpu", "threads": threads or "default"},
         "env": {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count(),
+                "torch": torch.__version__, "peft": _version("peft"), "frod_kernels": _version("frod_kernels"),
+                "python": platform.python_version(), "cpus": os.cpu_count(), "cpu_model": _cpu_model(),
                 "machine": platform.processor() or platform.machine(),
                 "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
         "results": results,
