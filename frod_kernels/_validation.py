@@ -43,7 +43,7 @@ def check_tensor(name: str, t, *, dim: int | None = None, dtypes=FLOAT_DTYPES) -
 def check_frod_args(x, V, U, lambda_l, s_values, s_indices, bias, layout=None) -> None:
     check_tensor("x", x)
     if x.dim() < 1:
-        raise ValueError(f"x: expected shape (..., in_features), got a 0-D tensor")
+        raise ValueError("x: expected shape (..., in_features), got a 0-D tensor")
     check_tensor("V", V, dim=2)
     check_tensor("U", U, dim=2)
     check_tensor("lambda_l", lambda_l, dim=1)

@@ -238,21 +238,25 @@ def set_timer(timer: Optional[Timer]) -> None:
     _timer = timer
 
 
+def time_once(fn: Callable[[], Any], device: torch.device) -> float:
+    """Milliseconds of one call of ``fn``: CUDA events on a GPU, the wall clock elsewhere."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
 def _default_timer(name: str, fn: Callable[[], Any], device: torch.device) -> float:
-    """Median wall time of a few calls (CUDA events on a GPU); fewer calls for slow candidates."""
+    """Median of a few calls; fewer for slow candidates."""
     times = []
     for _ in range(5):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+        times.append(time_once(fn, device))
         if sum(times) > 50:
             break
     return statistics.median(times)

@@ -45,7 +45,7 @@ import inspect
 import os
 import warnings
 import weakref
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F

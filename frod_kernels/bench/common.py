@@ -23,10 +23,11 @@ import platform
 import shlex
 import statistics
 import sys
-import time
 from typing import Callable, Iterator, Optional
 
 import torch
+
+from ..autotune import time_once
 
 
 @dataclasses.dataclass
@@ -99,21 +100,8 @@ def measure_interleaved(fns: dict[str, Callable[[], object]], device: torch.devi
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            times[name].append(_time_once(fn, device))
+            times[name].append(time_once(fn, device))
     return {name: summarize(ts) for name, ts in times.items()}
-
-
-def _time_once(fn: Callable[[], object], device: torch.device) -> float:
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end)
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
 
 
 def summarize(times_ms: list[float]) -> dict:
