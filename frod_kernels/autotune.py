@@ -32,6 +32,7 @@ of a job reuse them. :func:`explain` says what was chosen and why.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -142,8 +143,14 @@ def _bucket(n: int) -> int:
 
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+        return _cuda_name(device.index if device.index is not None else torch.cuda.current_device())
     return device.type
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_name(index: int) -> str:
+    # every measured call builds a key with it: ask the driver once per device
+    return torch.cuda.get_device_name(index)
 
 
 # ---- kernel-family ops ------------------------------------------------------------------------------------------

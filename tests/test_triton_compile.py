@@ -31,8 +31,6 @@ def _compiling_env():
     return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
 
-
-
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_every_config_compiles_for_sm80_and_sm90_within_limits(kernel, tmp_path, capsys):
     out = tmp_path / "report.json"
