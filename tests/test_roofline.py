@@ -68,3 +68,16 @@ def test_bench_rows_get_their_floor():
     ours, peft, lora, linear = rows
     assert ours["floor_ms"] == peft["floor_ms"] and ours["path_floor_ms"] >= ours["floor_ms"]
     assert linear["floor_ms"] < lora["floor_ms"] and "path_floor_ms" not in peft
+
+
+def test_gpu_table_shows_the_floors_and_the_bandwidth_is_measured():
+    from frod_kernels.bench.common import copy_bandwidth
+    from frod_kernels.bench.report import layer_table
+
+    rows = [dict(method=frod_method("cuda"), n_in=64, n_out=32, tokens=128, dtype="bfloat16", median_ms=2.0,
+                 path="sparse")]
+    add_floors(rows, roofline.H200, nnz=40)
+    table = layer_table(rows, gpu=True)
+    assert "% of floor" in table and "% of path floor" in table
+    assert f"{100 * rows[0]['frac_of_floor']:.1f}%" in table
+    assert copy_bandwidth(torch.device("cpu"))["bytes_per_s"] > 0
