@@ -22,12 +22,14 @@ export MAX_JOBS="${MAX_JOBS:-2}"
 export FROD_BUILD_CUDA=1
 start=$SECONDS
 
-# frod_kernels itself imports tqdm (the projections' progress bar); transformers and peft stay optional there.
-if ! "$venv/bin/python" -c "import torch, ninja, setuptools, pytest, tqdm; assert torch.version.cuda" 2>/dev/null; then
-  echo "== creating $venv (${FROD_CUDA_TORCH:-torch==2.14.1}, ninja, setuptools, pytest, tqdm)"
+# frod_kernels itself imports tqdm (the projections' progress bar) and safetensors (the projection cache);
+# transformers and peft stay optional there.
+if ! "$venv/bin/python" -c "import torch, ninja, setuptools, pytest, tqdm, safetensors; assert torch.version.cuda" \
+    2>/dev/null; then
+  echo "== creating $venv (${FROD_CUDA_TORCH:-torch==2.14.1}, ninja, setuptools, pytest, tqdm, safetensors)"
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q --disable-pip-version-check "${FROD_CUDA_TORCH:-torch==2.14.1}" ninja setuptools \
-    wheel pytest numpy tqdm
+    wheel pytest numpy tqdm safetensors
 fi
 export PATH="$venv/bin:$PATH"  # ninja
 py="$venv/bin/python"
