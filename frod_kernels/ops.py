@@ -248,7 +248,8 @@ def frod_linear(
 
 def _measured_path(cost_model_path, x2, V, U, lambda_l, s_values, s_indices, layout, bias, training, keep) -> int:
     """:func:`frod_kernels.autotune.pick_path` for this call: each candidate path runs this call's forward (and,
-    training, a backward of a random output gradient) on detached copies of its inputs, outside autograd."""
+    training, a backward with the output as its gradient: no draw from the caller's RNG, whose stream dropout
+    and data order depend on) on detached copies of its inputs, outside autograd."""
     key = autotune.path_key(x2.shape[0], V.shape[0], U.shape[0], s_values.shape[0], x2.dtype, x2.device, training)
 
     def run(p: int) -> Tensor:
@@ -256,7 +257,7 @@ def _measured_path(cost_model_path, x2, V, U, lambda_l, s_values, s_indices, lay
         y, saved = torch.ops.frod.frod_linear_fwd(xd, V, U, lam, s, s_indices, layout,
                                                   None if bias is None else bias.detach(), p, keep)
         if training:
-            torch.ops.frod.frod_linear_bwd(torch.randn_like(y), xd if p == engine.MATERIALIZED else None, saved,
+            torch.ops.frod.frod_linear_bwd(y, xd if p == engine.MATERIALIZED else None, saved,
                                            V, U, lam, s, s_indices, layout, p, x2.requires_grad,
                                            lambda_l.requires_grad, s_values.requires_grad,
                                            bias is not None and bias.requires_grad)

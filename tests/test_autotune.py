@@ -213,6 +213,16 @@ def test_paths_are_measured_and_results_unchanged(harness, monkeypatch, fastest)
     assert f"path {fastest!r}" in fk.explain()
 
 
+def test_measuring_paths_draws_nothing_from_the_callers_rng(harness):
+    harness.times = {"cuda": 1.0, "triton": 2.0, "torch": 3.0, "sparse": 1.0, "factored": 2.0, "materialized": 3.0}
+    x, V, U, lam, s, si, b = random_problem(40, 24, 60, lead=(5,))
+    lam.requires_grad_(True)
+    state = torch.get_rng_state()
+    fk.frod_linear(x, V, U, lam, s, si, b)
+    assert {"sparse", "factored", "materialized"} <= set(harness.timed)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_choices_persist_in_a_cache_file(harness, tmp_path):
     path = tmp_path / "autotune.json"
     fk.set_autotune(cache=path)

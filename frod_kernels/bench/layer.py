@@ -195,4 +195,3 @@ def add_floors(group: list[dict], gpu: "roofline.GPU", nnz: int) -> None:
                                                        dtype)
         r["floor_ms"] = floor
         r["frac_of_floor"] = floor / r["median_ms"]
-

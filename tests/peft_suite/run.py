@@ -96,7 +96,12 @@ def main(argv=None) -> int:
     for accelerated in (False, True):
         name = "accelerated" if accelerated else "plain"
         junit = os.path.join(work, f"{name}.xml")
+        if os.path.exists(junit):
+            os.remove(junit)
         seconds[name] = run_pytest(root, junit, accelerated, calls_file)
+        if not os.path.exists(junit):
+            print(f"FAIL: the {name} run wrote no report (pytest stopped before running tests; see above)")
+            return 1
         runs[name] = outcomes(junit)
 
     plain, fast = runs["plain"], runs["accelerated"]
