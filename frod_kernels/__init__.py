@@ -1,12 +1,14 @@
 """frod-kernels: fast FRoD fine-tuning (fused kernels for W' = U (diag(lambda) + S) V^T)."""
 
-from ._backends import available_backends, get_backend, set_backend, use_backend
+from . import backends  # noqa: F401  (each backend registers itself)
+from ._env import VERSION
 from ._validation import checks, get_checks, set_checks
 from .autotune import explain, get_autotune, set_autotune
-from .layer import FrodBasis, FrodLinear, replace_linears
+from .nn import FrodBasis, FrodLinear, replace_linears
 from .ops import frod_linear
+from .registry import available_backends, get_backend, set_backend, use_backend
 
-__version__ = "0.1.0"
+__version__ = VERSION
 
 __all__ = [
     "FrodBasis",

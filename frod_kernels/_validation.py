@@ -1,13 +1,13 @@
 """Input checks for the public entry points: every error names the argument, what it got and what was expected.
 
-Shape, dtype, device and pattern checks always run (host-side metadata, plus one pass over the pattern when its
-layout is first built). Non-finite checks read tensor data, which on a GPU costs a device sync per checked
+Shape, dtype, device and pattern checks always run (host-side metadata, checked once per tensor state for the
+frozen tensors, plus one pass over the pattern when its layout is first built). Non-finite checks read tensor data, which on a GPU costs a device sync per checked
 tensor, so they have a switch, :func:`set_checks` / :func:`checks` (or ``FROD_CHECK_FINITE=auto|1|0``):
 
 * ``"auto"`` (default): only what costs no per-step sync. The frozen ``V`` and ``U`` are checked once per tensor
   version on any device (one sync per layer per process on a GPU, then never again); the trainable ``lambda_l``,
-  ``s_values`` and ``bias`` (``in + nnz + out`` elements, noise next to any matmul) are checked on every call
-  when they live on the CPU, where reading them needs no sync. ``FrodLinear.from_linear`` and
+  ``s_values`` and ``bias`` (``in + nnz + out`` elements, noise next to any matmul) are checked once per version
+  (each optimizer step writes them) when they live on the CPU, where reading them needs no sync. ``FrodLinear.from_linear`` and
   ``replace_linears`` check the base weights once when they build the projections.
 * ``True``: every tensor input, ``x`` included, on every call and every device (a sync per call on a GPU): for
   hunting where a NaN enters.
@@ -20,13 +20,16 @@ graph is being captured (a sync is illegal there).
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 from typing import Iterator, Union
 
 import torch
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+from . import _env
+from ._numerics import FLOAT_DTYPES
+from ._tensor_cache import TensorCache
+from .layout import packed_size
+
 
 
 def check_tensor(name: str, t, *, dim: int | None = None, dtypes=FLOAT_DTYPES) -> None:
@@ -41,23 +44,24 @@ def check_tensor(name: str, t, *, dim: int | None = None, dtypes=FLOAT_DTYPES) -
 
 
 def check_frod_args(x, V, U, lambda_l, s_values, s_indices, bias, layout=None) -> None:
+    """Every argument of :func:`frod_kernels.frod_linear`. A training step calls this once per layer, so what
+    cannot change between calls without the tensor changing (the frozen V, U, pattern and layout's own shapes and
+    dtypes) is checked once per tensor state (:mod:`frod_kernels._tensor_cache`), and the rest is a handful of
+    attribute reads."""
     check_tensor("x", x)
     if x.dim() < 1:
         raise ValueError("x: expected shape (..., in_features), got a 0-D tensor")
-    check_tensor("V", V, dim=2)
-    check_tensor("U", U, dim=2)
-    check_tensor("lambda_l", lambda_l, dim=1)
-    check_tensor("s_values", s_values, dim=1)
-    check_tensor("s_indices", s_indices, dim=2, dtypes=(torch.int64, torch.int32))
+    _once(V, "V", lambda: _check_basis(V))
     n = V.shape[0]
-    if V.shape[1] != n:
-        raise ValueError(f"V: expected a square (in, in) basis, got shape {tuple(V.shape)}")
     if x.shape[-1] != n:
         raise ValueError(f"x: expected last dim in_features={n} (from V), got shape {tuple(x.shape)}")
-    if U.shape[1] != n:
-        raise ValueError(f"U: expected shape (out, {n}), got {tuple(U.shape)}")
+    _once(U, ("U", n), lambda: _check_projection(U, n))
+    check_tensor("lambda_l", lambda_l, dim=1)
     if lambda_l.shape[0] != n:
         raise ValueError(f"lambda_l: expected shape ({n},), got {tuple(lambda_l.shape)}")
+    check_tensor("s_values", s_values, dim=1)
+    _once(s_indices, "s_indices", lambda: check_tensor("s_indices", s_indices, dim=2,
+                                                           dtypes=(torch.int64, torch.int32)))
     if s_indices.shape[0] != 2:
         raise ValueError(f"s_indices: expected shape (2, nnz), got {tuple(s_indices.shape)}")
     if s_indices.shape[1] != s_values.shape[0]:
@@ -67,25 +71,46 @@ def check_frod_args(x, V, U, lambda_l, s_values, s_indices, bias, layout=None) -
         check_tensor("bias", bias, dim=1)
         if bias.shape[0] != U.shape[0]:
             raise ValueError(f"bias: expected shape ({U.shape[0]},) (out_features, from U), got {tuple(bias.shape)}")
-    named = [("x", x), ("V", V), ("U", U), ("lambda_l", lambda_l), ("s_values", s_values), ("s_indices", s_indices)]
-    if bias is not None:
-        named.append(("bias", bias))
-    for name, t in named[1:]:
-        if t.device != x.device:
-            raise ValueError(f"{name}: expected device {x.device} (the device of x), got {t.device}")
-    for name, t in (("V", V), ("U", U)):
-        if t.requires_grad and torch.is_grad_enabled():
-            raise ValueError(f"{name}: must not require grad (FRoD keeps the basis and projection frozen); "
-                             f"call {name}.requires_grad_(False)")
+    device = x.device
+    for name, t in (("V", V), ("U", U), ("lambda_l", lambda_l), ("s_values", s_values), ("s_indices", s_indices),
+                    ("bias", bias)):
+        if t is not None and t.device != device:
+            raise ValueError(f"{name}: expected device {device} (the device of x), got {t.device}")
+    if (V.requires_grad or U.requires_grad) and torch.is_grad_enabled():
+        name = "V" if V.requires_grad else "U"
+        raise ValueError(f"{name}: must not require grad (FRoD keeps the basis and projection frozen); "
+                         f"call {name}.requires_grad_(False)")
     if layout is not None:
-        check_layout(layout, n, s_values.shape[0], x.device)
+        nnz = s_values.shape[0]
+        _once(layout, ("layout", n, nnz, device), lambda: check_layout(layout, n, nnz, device))
     check_finite_inputs(x, V, U, lambda_l, s_values, bias)
+
+
+# Checks that passed, per tensor state: an entry holds None, and a failing check raises before one is made.
+_ONCE = TensorCache()
+
+
+def _once(t: torch.Tensor, tag, check) -> None:
+    if torch.compiler.is_compiling():
+        check()  # traced once per graph: the metadata it reads becomes the graph's guards
+    else:
+        _ONCE.get(t, tag, check)
+
+
+def _check_basis(V) -> None:
+    check_tensor("V", V, dim=2)
+    if V.shape[1] != V.shape[0]:
+        raise ValueError(f"V: expected a square (in, in) basis, got shape {tuple(V.shape)}")
+
+
+def _check_projection(U, n: int) -> None:
+    check_tensor("U", U, dim=2)
+    if U.shape[1] != n:
+        raise ValueError(f"U: expected shape (out, {n}), got {tuple(U.shape)}")
 
 
 def check_layout(layout, n: int, nnz: int, device: torch.device) -> None:
     """A packed layout passed by the caller must at least be the layout of an (n, nnz) pattern on x's device."""
-    from .layout import packed_size  # layout imports nothing from here; imported late to keep it that way
-
     check_tensor("layout", layout, dim=1, dtypes=(torch.int64,))
     want = packed_size(n, nnz)
     if layout.shape[0] != want:
@@ -98,15 +123,8 @@ def check_layout(layout, n: int, nnz: int, device: torch.device) -> None:
 
 # ---- non-finite checks ------------------------------------------------------------------------------------------
 
-_ENV_VALUES = {"auto": "auto", "1": True, "true": True, "on": True, "0": False, "false": False, "off": False}
-
-
 def _finite_from_env() -> Union[str, bool]:
-    raw = os.environ.get("FROD_CHECK_FINITE", "auto")
-    try:
-        return _ENV_VALUES[raw.strip().lower()]
-    except KeyError:
-        raise ValueError(f"FROD_CHECK_FINITE: expected one of {sorted(_ENV_VALUES)}, got {raw!r}") from None
+    return _env.flag("FROD_CHECK_FINITE", "auto", extra=("auto",))
 
 
 _global_finite: Union[str, bool] = _finite_from_env()
@@ -167,13 +185,8 @@ def _checkable(t: torch.Tensor) -> bool:
 
 
 def _check_once(name: str, t: torch.Tensor) -> None:
-    # Frozen tensors: checked once per version. In-place writes bump _version; inference tensors carry no version
-    # counter (and cannot be written outside inference mode), so they are checked when first seen and marked.
-    version = None if t.is_inference() else t._version
-    if getattr(t, "_frod_finite_version", "unchecked") == version:
-        return
-    check_finite(name, t)
-    t._frod_finite_version = version
+    # a write bumps the version, so a tensor that passed is read again only after it changed
+    _ONCE.get(t, ("finite", name), lambda: check_finite(name, t))
 
 
 def check_finite_inputs(x, V, U, lambda_l, s_values, bias) -> None:
@@ -193,7 +206,7 @@ def check_finite_inputs(x, V, U, lambda_l, s_values, bias) -> None:
             _check_once(name, t)
     for name, t in trainable:
         if _checkable(t) and t.device.type == "cpu":
-            check_finite(name, t)
+            _check_once(name, t)
 
 
 # ---- options of FrodLinear.from_linear / replace_linears --------------------------------------------------------
@@ -202,15 +215,19 @@ def _is_real(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def check_sparse_rate(sparse_rate) -> None:
+    if not _is_real(sparse_rate) or not 0.0 <= sparse_rate <= 1.0:
+        raise ValueError(f"sparse_rate: expected a fraction in [0, 1] (of the in x in positions that train), "
+                         f"got {sparse_rate!r}")
+
+
 def check_layer_options(*, sparse_rate, seed, dropout, adapter_dtype, regularization_alpha,
                         projection_method="exact") -> None:
     """The scalar options shared by ``FrodLinear.from_linear`` and ``replace_linears``."""
     if projection_method not in ("exact", "fast"):
         raise ValueError(f"projection_method: expected 'exact' (PEFT's V, bitwise) or 'fast' (saved projections), "
                          f"got {projection_method!r}")
-    if not _is_real(sparse_rate) or not 0.0 <= sparse_rate <= 1.0:
-        raise ValueError(f"sparse_rate: expected a fraction in [0, 1] (of the in x in positions that train), "
-                         f"got {sparse_rate!r}")
+    check_sparse_rate(sparse_rate)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise TypeError(f"seed: expected an int (PEFT's projection_prng_key), got {type(seed).__name__} {seed!r}")
     if not _is_real(dropout) or not 0.0 <= dropout < 1.0:

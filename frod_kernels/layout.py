@@ -1,7 +1,7 @@
 """Derived layouts of a FRoD sparse pattern, built once per pattern and cached.
 
 PEFT stores the pattern as COO ``s_indices`` (2 x nnz, rows then columns, unsorted). Every sparse step of FRoD is a
-row-wise job over the pattern grouped either by row of ``S`` or by column of ``S`` (DESIGN.md section 6), so the
+row-wise job over the pattern grouped either by row of ``S`` or by column of ``S`` (docs/DESIGN.md section 6), so the
 layout holds both groupings, each CSR-like, packed into one int64 tensor that an op can take as an argument:
 
     [row_ptr (n+1) | row_src (nnz) | row_perm (nnz) | col_ptr (n+1) | col_src (nnz) | col_perm (nnz)]
@@ -13,34 +13,22 @@ within a group the order is ascending ``src``, so every reduction has one fixed 
 
 from __future__ import annotations
 
-import weakref
-from dataclasses import dataclass
-from typing import Any, Callable
-
 import torch
 
+from ._tensor_cache import DERIVED
 
-@dataclass(frozen=True)
+
 class PatternLayout:
-    packed: torch.Tensor
-    n: int
-    nnz: int
+    """The grouped views of one packed layout (``packed``: the int64 tensor an op takes), sliced once."""
 
-    @staticmethod
-    def unpack(packed: torch.Tensor, n: int, nnz: int) -> "PatternLayout":
-        return PatternLayout(packed, n, nnz)
+    __slots__ = ("packed", "n", "nnz", "row_ptr", "row_src", "row_perm", "col_ptr", "col_src", "col_perm")
 
-    def _section(self, i: int) -> torch.Tensor:
-        n1, z = self.n + 1, self.nnz
+    def __init__(self, packed: torch.Tensor, n: int, nnz: int):
+        self.packed, self.n, self.nnz = packed, n, nnz
+        n1, z = n + 1, nnz
         bounds = [0, n1, n1 + z, n1 + 2 * z, 2 * n1 + 2 * z, 2 * n1 + 3 * z, 2 * n1 + 4 * z]
-        return self.packed[bounds[i] : bounds[i + 1]]
-
-    row_ptr = property(lambda self: self._section(0))
-    row_src = property(lambda self: self._section(1))
-    row_perm = property(lambda self: self._section(2))
-    col_ptr = property(lambda self: self._section(3))
-    col_src = property(lambda self: self._section(4))
-    col_perm = property(lambda self: self._section(5))
+        (self.row_ptr, self.row_src, self.row_perm, self.col_ptr, self.col_src,
+         self.col_perm) = (packed[bounds[i]:bounds[i + 1]] for i in range(6))
 
 
 def packed_size(n: int, nnz: int) -> int:
@@ -88,34 +76,11 @@ def build_layout(s_indices: torch.Tensor, n: int, validate: bool = True) -> Patt
     return PatternLayout(torch.cat(parts), n, nnz)
 
 
-# Derived values keyed by the identity of their source tensor, with a weakref check: tensors hash by identity but
-# compare elementwise, so a WeakKeyDictionary cannot hold them, and id() values are reused once a tensor is freed.
-# A tensor's _version changes with every in-place write, so a rewritten source never hits; an entry is dropped when
-# its source is freed.
-_CACHE: dict[tuple, tuple[weakref.ref, int, Any]] = {}
-
-
-def cached_derived(src: torch.Tensor, tag: tuple, build: Callable[[], Any]) -> Any:
-    """``build()``'s value for ``(src, tag)``, built on first use and kept until ``src`` is freed or written."""
-    key = (id(src),) + tag
-    # inference tensors carry no version counter, and cannot be written outside inference mode either
-    version = -1 if src.is_inference() else src._version
-    hit = _CACHE.get(key)
-    if hit is not None and hit[0]() is src and hit[1] == version:
-        return hit[2]
-    value = build()
-    _CACHE[key] = (weakref.ref(src, _evict(key)), version, value)
-    return value
-
-
-def _evict(key: tuple):
-    def cb(ref: weakref.ref) -> None:
-        if _CACHE.get(key, (None,))[0] is ref:
-            del _CACHE[key]
-
-    return cb
-
-
 def pattern_layout(s_indices: torch.Tensor, n: int) -> PatternLayout:
     """The cached layout of ``s_indices`` (built on first use, validated then)."""
-    return cached_derived(s_indices, ("layout", n), lambda: build_layout(s_indices, n))
+    return DERIVED.get(s_indices, ("layout", n), lambda: build_layout(s_indices, n))
+
+
+def unpacked(packed: torch.Tensor, n: int, nnz: int) -> PatternLayout:
+    """The views of a packed layout that a caller passed (validated by the caller), sliced once per tensor."""
+    return DERIVED.get(packed, ("unpacked", n, nnz), lambda: PatternLayout(packed, n, nnz))

@@ -15,14 +15,15 @@ import pytest
 import torch
 
 import frod_kernels as fk
-from frod_kernels import _backends, autotune, engine, torch_backend
+from frod_kernels import autotune, engine, registry
+from frod_kernels.backends import pytorch as torch_backend
 from frod_kernels.layout import build_layout
 from frod_kernels.reference import (TOLERANCE, reference_grads, reference_row_gather_diag,
                                     reference_sampled_dot_diag, rel_err)
 from conftest import random_pattern, random_problem
 from test_op import run
 
-HAS_TRITON = _backends.unavailable_reason("triton", "cpu") is None
+HAS_TRITON = registry.unavailable_reason("triton", "cpu") is None
 OP = "row_gather_diag"
 
 
@@ -34,10 +35,9 @@ class Harness:
         self.timed: list[str] = []
         self.calls: dict[str, int] = {}
         self.monkeypatch = monkeypatch
-        monkeypatch.setattr(autotune, "MEASURED_DEVICE_TYPES", {"cpu"})
-        order = ["cuda", "triton", "torch"] if HAS_TRITON else ["cuda", "torch"]
-        monkeypatch.setitem(_backends.AUTO_ORDER, "cpu", order)
-        monkeypatch.setitem(_backends._PROBES, "cuda", lambda device_type: None)
+        monkeypatch.setattr(autotune.state, "MEASURED_DEVICE_TYPES", {"cpu"})
+        # a stand-in cuda backend that runs on the CPU, in the real one's place in the order
+        registry.register_backend("cuda", lambda device_type: None, preference=20)
         for op, twin in (("row_gather_diag", torch_backend.row_gather_diag),
                          ("sampled_dot_diag", torch_backend.sampled_dot_diag)):
             self.kernel("cuda", twin, op)
@@ -54,13 +54,14 @@ class Harness:
             self.calls[backend] = self.calls.get(backend, 0) + 1
             return fn(*args)
 
-        self.monkeypatch.setitem(_backends._IMPLS[op], backend, counted)
+        registry.register_impl(op, backend)(counted)
 
 
 @pytest.fixture
 def harness(monkeypatch):
-    h = Harness(monkeypatch)
-    yield h
+    with registry.scoped():
+        h = Harness(monkeypatch)
+        yield h
     autotune.set_timer(None)
     autotune.set_autotune(True, cache=False)
     autotune.clear()

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import frod_kernels as fk
-from frod_kernels import _backends
+from frod_kernels import registry
 from frod_kernels.bench import check
 from frod_kernels.bench.__main__ import main
 from frod_kernels.bench.common import PRESETS, measure_peak_memory
@@ -57,22 +57,25 @@ def test_check_fails_on_a_wrong_candidate(fn, tensor):
     assert all(r["ok"] for r in info.value.rows if r["candidate"] == "torch/factored")
 
 
+_REAL = {}  # the real torch twins, while a wrong one stands in for them
+
+
 def _bad_row_gather(A, diag, weights, ptr, src):
-    out = _backends._IMPLS["row_gather_diag"]["_real"](A, diag, weights, ptr, src)
+    out = _REAL["row_gather_diag"](A, diag, weights, ptr, src)
     return out * 1.01
 
 
 def _bad_sampled_dot(P, Q, ptr, src):
-    vals, diag = _backends._IMPLS["sampled_dot_diag"]["_real"](P, Q, ptr, src)
+    vals, diag = _REAL["sampled_dot_diag"](P, Q, ptr, src)
     return vals.flip(0), diag
 
 
 @pytest.mark.parametrize("op, bad", [("row_gather_diag", _bad_row_gather), ("sampled_dot_diag", _bad_sampled_dot)])
 def test_cli_check_exits_nonzero_naming_a_wrong_registered_backend(op, bad, monkeypatch, capsys, tmp_path):
-    impls = _backends._IMPLS[op]
-    monkeypatch.setitem(impls, "_real", impls["torch"])
-    monkeypatch.setitem(impls, "torch", bad)
-    rc = main(["--suite", "check", "--sizes", "tiny", "--device", "cpu", "--out", str(tmp_path)])
+    with registry.scoped():
+        monkeypatch.setitem(_REAL, op, registry.impls(op)["torch"])
+        registry.register_impl(op, "torch")(bad)
+        rc = main(["--suite", "check", "--sizes", "tiny", "--device", "cpu", "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert rc == 1
     assert "check FAILED" in err and "torch/" in err

@@ -5,7 +5,9 @@ import pytest
 import torch
 
 import frod_kernels as fk
-from frod_kernels import _backends, cuda_backend, torch_backend
+from frod_kernels import dispatch, registry
+from frod_kernels.backends import cuda as cuda_backend
+from frod_kernels.backends import pytorch as torch_backend
 from frod_kernels.layout import build_layout
 from frod_kernels.reference import reference_grads, reference_row_gather_diag, reference_sampled_dot_diag, rel_err
 
@@ -92,7 +94,7 @@ def test_row_gather_diag(n, m, nnz, kind, dtype):
     diag = (0.5 + torch.rand(n, generator=g)).cuda()
     w = torch.randn(src.numel(), generator=g).cuda()
     with fk.use_backend("cuda"):
-        assert _backends.resolve("row_gather_diag", A.device) is cuda_backend.row_gather_diag
+        assert dispatch.kernels("cuda").row_gather is cuda_backend.row_gather_diag
         out = torch.ops.frod.row_gather_diag(A, diag, w, ptr, src)
         again = torch.ops.frod.row_gather_diag(A, diag, w, ptr, src)
     assert out.shape == (n, m) and out.dtype == dtype and out.is_contiguous()
@@ -112,7 +114,7 @@ def test_sampled_dot_diag(n, m, nnz, kind, dtype):
     P = _operand(n, m, dtype, kind, g)
     Q = _operand(n, m, dtype, "contiguous", g)
     with fk.use_backend("cuda"):
-        assert _backends.resolve("sampled_dot_diag", P.device) is cuda_backend.sampled_dot_diag
+        assert dispatch.kernels("cuda").sampled_dot is cuda_backend.sampled_dot_diag
         vals, diag = torch.ops.frod.sampled_dot_diag(P, Q, ptr, src)
         vals2, diag2 = torch.ops.frod.sampled_dot_diag(P, Q, ptr, src)
     acc = torch.float64 if dtype == torch.float64 else torch.float32

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from frod_kernels import projections as P
-from frod_kernels.layer import FrodLinear, replace_linears
+from frod_kernels.nn import FrodLinear, replace_linears
 from frod_kernels.reference import eigenbasis_error, reference_frod_eigenproblem, rel_err
 
 

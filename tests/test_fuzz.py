@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import frod_kernels as fk
-from frod_kernels import _backends
+from frod_kernels import registry
 from frod_kernels.reference import TOLERANCE, reference_grads, rel_err
 from conftest import random_problem
 
@@ -76,7 +76,7 @@ def check_example(example, backend, device):
 def target_params():
     out = []
     for backend, device, max_dim, examples in TARGETS:
-        reason = "no CUDA GPU" if device == "cuda" and not HAS_GPU else _backends.unavailable_reason(backend, device)
+        reason = "no CUDA GPU" if device == "cuda" and not HAS_GPU else registry.unavailable_reason(backend, device)
         out.append(pytest.param(backend, device, max_dim, examples, id=f"{backend}-{device}",
                                 marks=pytest.mark.skipif(reason is not None, reason=str(reason))))
     return out

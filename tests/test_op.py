@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import frod_kernels as fk
-from frod_kernels import engine
+from frod_kernels import cost_model, engine
 from frod_kernels.reference import TOLERANCE, reference_grads, rel_err
 from conftest import random_problem
 
@@ -86,9 +86,9 @@ def test_int32_indices_and_noncontiguous_x():
 
 def test_cost_model_picks_by_shape():
     # few tokens: the sparse apply; many tokens (several times in): materialize W'
-    assert engine.choose_path(8, 1024, 1024, 10485, "cpu", True) == engine.SPARSE
-    assert engine.choose_path(16384, 1024, 1024, 10485, "cpu", True) == engine.MATERIALIZED
-    costs = engine.path_costs(2048, 1024, 1024, 10485, "cpu", True)
+    assert cost_model.choose_path(8, 1024, 1024, 10485, "cpu", True) == engine.SPARSE
+    assert cost_model.choose_path(16384, 1024, 1024, 10485, "cpu", True) == engine.MATERIALIZED
+    costs = cost_model.path_costs(2048, 1024, 1024, 10485, "cpu", True)
     assert set(costs) == {engine.SPARSE, engine.FACTORED, engine.MATERIALIZED}
 
 

@@ -87,11 +87,11 @@ def test_enable_projection_setup_gives_peft_tensors(build, dtype, monkeypatch):
     with pytest.warns(UserWarning) if build is _gpt2 else _nothing():
         plain = get_peft_model(copy.deepcopy(net), FrodConfig(**config))
     calls = []
-    real = fkp.projections.build_projections
-    monkeypatch.setattr(fkp.projections, "build_projections", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = fkp.setup.projections.build_projections
+    monkeypatch.setattr(fkp.setup.projections, "build_projections", lambda *a, **k: calls.append(1) or real(*a, **k))
     solvers = []
-    real_solver = fkp.projections.VSolver
-    monkeypatch.setattr(fkp.projections, "VSolver", lambda *a: solvers.append(1) or real_solver(*a))
+    real_solver = fkp.setup.projections.VSolver
+    monkeypatch.setattr(fkp.setup.projections, "VSolver", lambda *a: solvers.append(1) or real_solver(*a))
     fkp.enable()
     with pytest.warns(UserWarning) if build is _gpt2 else _nothing():
         fast = get_peft_model(copy.deepcopy(net), FrodConfig(**config))

@@ -13,8 +13,8 @@ from peft import FrodConfig, PeftModel, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import frod_kernels.peft as fkp
-from frod_kernels import fingerprint
-from frod_kernels.fingerprint import SIDECAR_NAME
+from frod_kernels.peft import fingerprint
+from frod_kernels.peft.fingerprint import SIDECAR_NAME
 from frod_kernels.peft import ProjectionMismatchWarning
 from frod_kernels.reference import rel_err
 

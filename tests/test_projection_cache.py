@@ -71,7 +71,7 @@ class Computations:
     def __init__(self, monkeypatch):
         self.bases = self.patterns = self.solves = 0
         self.forbidden = False
-        basis, pattern, normalize = P._basis, P.sparse_pattern, P._normalize_columns
+        basis, pattern, normalize = P.build._basis, P.pattern.sparse_pattern, P.solve._normalize_columns
 
         def count(attr, fn):
             def wrapped(*args, **kwargs):
@@ -81,9 +81,11 @@ class Computations:
                 return fn(*args, **kwargs)
             return wrapped
 
-        monkeypatch.setattr(P, "_basis", count("bases", basis))
-        monkeypatch.setattr(P, "sparse_pattern", count("patterns", pattern))
-        monkeypatch.setattr(P, "_normalize_columns", count("solves", normalize))
+        monkeypatch.setattr(P.build, "_basis", count("bases", basis))
+        monkeypatch.setattr(P.pattern, "sparse_pattern", count("patterns", pattern))
+        solves = count("solves", normalize)  # the solver's (solve) and the fast route's product (build)
+        monkeypatch.setattr(P.solve, "_normalize_columns", solves)
+        monkeypatch.setattr(P.build, "_normalize_columns", solves)
 
     def reset(self):
         self.bases = self.patterns = self.solves = 0
@@ -269,10 +271,14 @@ def test_key_sensitivity(tmp_path, monkeypatch):
     rerun((0, 3, 0), projection_prng_key=4)
     rerun((0, 3, 0), sparse_rate=0.2)
     # a new library version or an edit of the construction: nothing old is used
-    monkeypatch.setattr(frod_kernels, "__version__", frod_kernels.__version__ + ".post1")
+    monkeypatch.setattr(P.store, "VERSION", P.store.VERSION + ".post1")
+    P.store.salt.cache_clear()
     rerun((3, 3, n))
-    monkeypatch.setattr(C, "_code_digest", lambda: "edited")
+    P.store.salt.cache_clear()
+    monkeypatch.setattr(P.store, "salt", lambda: "edited")
     rerun((3, 3, n))
+    monkeypatch.undo()
+    P.store.salt.cache_clear()
 
 
 def test_pattern_generator_resumes_after_a_hit(tmp_path, monkeypatch):
@@ -529,8 +535,8 @@ def test_reload_gets_the_trained_v_under_other_threads(tmp_path, monkeypatch):
         V[:, 0] *= -1
         return V, factors
 
-    basis = P._basis
-    monkeypatch.setattr(P, "_basis", other_blas)
+    basis = P.build._basis
+    monkeypatch.setattr(P.build, "_basis", other_blas)
 
     def reload(cache):
         fkp.enable(cache=cache)

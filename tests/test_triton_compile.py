@@ -19,7 +19,7 @@ pytest.importorskip("triton", reason="triton is not installed")
 
 import triton  # noqa: E402
 
-from frod_kernels.triton import compile_report  # noqa: E402
+from frod_kernels.backends.triton import compile_report  # noqa: E402
 
 _REASON = compile_report.unavailable()
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=str(_REASON))
@@ -34,7 +34,7 @@ def _compiling_env():
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_every_config_compiles_for_sm80_and_sm90_within_limits(kernel, tmp_path, capsys):
     out = tmp_path / "report.json"
-    proc = subprocess.run([sys.executable, "-m", "frod_kernels.triton.compile_report", "--kernel", kernel,
+    proc = subprocess.run([sys.executable, "-m", "frod_kernels.backends.triton.compile_report", "--kernel", kernel,
                            "--json", str(out)], env=_compiling_env(), capture_output=True, text=True)
     assert out.exists(), f"compile_report wrote no results (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
     results = [compile_report.Result(**r) for r in json.loads(out.read_text())["results"]]
@@ -91,7 +91,7 @@ def test_check_accepts_the_largest_block_that_fits():
 
 def test_a_register_hungry_config_is_caught_from_a_real_compile():
     # 16 x 128 float32 elements and their gathered rows on one warp: 64 a thread, more than 255 registers hold.
-    code = ("import torch, triton; from frod_kernels.triton import compile_report as cr; "
+    code = ("import torch, triton; from frod_kernels.backends.triton import compile_report as cr; "
             "cfg = triton.Config({'BLOCK_R': 16, 'BLOCK_M': 128}, num_warps=1); "
             "r = cr.measure('row_gather', 'rows', 'x16', torch.float32, cfg, 90, None); print(r.failures)")
     proc = subprocess.run([sys.executable, "-c", code], env=_compiling_env(), capture_output=True, text=True)
@@ -101,7 +101,7 @@ def test_a_register_hungry_config_is_caught_from_a_real_compile():
 
 
 def test_configs_are_the_gpu_lists_even_under_the_interpreter():
-    from frod_kernels.triton import row_gather
+    from frod_kernels.backends.triton import row_gather
 
     assert compile_report.configs("row_gather", "cols") is row_gather._COLS_CONTIGUOUS.gpu_configs
     assert len(compile_report.configs("row_gather", "rows")) > 1

@@ -15,7 +15,7 @@ from types import ModuleType
 
 import torch
 
-from ._backends import register_impl, register_probe
+from ..registry import register_backend, register_impl
 
 EXTENSION = "frod_kernels._C"
 # csrc/ops.cpp embeds this marker; reading it before loading avoids dlopen-ing a binary built for another torch.
@@ -69,7 +69,8 @@ def _probe(device_type: str) -> "str | None":
     return "; ".join(reasons) or None
 
 
-register_probe("cuda", _probe)
+# the hand-written kernels first where nothing is measured: they need no compile at first launch
+register_backend("cuda", _probe, preference=20)
 
 
 @register_impl("row_gather_diag", "cuda")

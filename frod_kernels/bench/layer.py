@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import frod_kernels as fk
-from frod_kernels import autotune, engine, roofline
+from frod_kernels import autotune, cost_model, engine, roofline
 
 from . import peft_models
 from .common import Sizes, dtype_name, measure_interleaved, measure_peak_memory
@@ -109,7 +109,7 @@ def _methods(base: nn.Linear, device: torch.device, dtype: torch.dtype, backends
         # what the step ran: auto's measured choice where it measured one, else the cost model's
         key = autotune.path_key(tokens, V.shape[0], U.shape[0], nnz, dtype, device, True)
         return autotune.chosen(key) or engine.PATH_NAMES[
-            engine.choose_path(tokens, V.shape[0], U.shape[0], nnz, device.type, True)]
+            cost_model.choose_path(tokens, V.shape[0], U.shape[0], nnz, device.type, True)]
 
     methods = []
     for b in backends:

@@ -1,35 +1,22 @@
-"""The on-disk projection cache: a model's V, pattern, U and lambda_l are computed once, then read back.
+"""A content-keyed, salted tensor store on disk: what is computed once from some tensors is read back the next time.
 
-:func:`frod_kernels.projections.build_projections` (so ``replace_linears``), ``FrodLinear.from_linear`` and PEFT
-under :func:`frod_kernels.peft.enable` look each projection up here before computing it. An entry is keyed by the
-SHA-256 of everything its tensors are a function of, so a hit returns the very tensors the computation gave when
-the entry was written:
-
-* ``V-<key>``: a category's V (and, for ``method="fast"``, ``fastU-<key>``: the U and lambda_l its factors give the
-  float32 layers). Key: the content of the category's weights (every byte, in layer order, with dtypes and
-  shapes), ``regularization_alpha`` and the route (exact, fast, cuda).
-* ``U-<key>``: one layer's U and lambda_l. Key: the content of the V the solve sees (in the dtype it sees) and of
-  the layer's weight, and the solver. A U is thus never paired with another V than its own, whichever process
-  wrote either.
-* ``S-<key>``: a category's sparse pattern, with the shared generator's state after its draw (the next category
-  draws from there). Key: ``projection_prng_key``, the draws before it (categories in sorted order), the width,
-  nnz and the torch version (``randperm``'s algorithm).
-
-Every key also holds the format version, ``frod_kernels.__version__`` and a digest of ``projections.py`` (an edit
-of the construction is a miss). The BLAS thread count is deliberately not in it: PEFT's V differs between thread
-counts, and the cache gives a reload the V the adapter was trained with.
+It knows nothing of what it stores. A caller names an entry by a *kind* (a short word) and the *fields* its tensors
+are a function of (digests of input tensors, settings), and gives a *salt* that changes whenever its computation
+does; the entry's key is the SHA-256 of all three, so a hit returns the very tensors the computation gave when the
+entry was written. The projections (:mod:`frod_kernels.projections.store`) are its one user: V, the patterns, U
+and lambda_l of a model, salted with a digest of their own code.
 
 Entries are safetensors files (no pickle: an entry from elsewhere cannot run code) written to a temporary file
 in the cache directory, fsynced, then renamed into place, so a crash or two writers at once never leave a partial
 entry. Each stores its key and a SHA-256 per tensor in its header; an entry that cannot be parsed (truncated, not
 safetensors), holds another key (a foreign file renamed into place) or fails a checksum is never used: a
-``UserWarning`` names it, the projection is recomputed and the entry replaced. The cache trusts its directory as
+``UserWarning`` names it, the caller recomputes it and the entry is replaced. The store trusts its directory as
 far as that goes: whoever can write there can plant a well-formed entry, so it is created private (0700).
 
 Where (:func:`cache_dir`): a ``cache=`` argument (a path; ``True``: the default place even if ``FROD_CACHE=0``;
 ``False``: off), else off when ``FROD_CACHE=0``, else ``$FROD_CACHE_DIR``, ``$XDG_CACHE_HOME/frod_kernels`` or
 ``~/.cache/frod_kernels``. An entry is not written when it would leave less than 5% of the disk (at least 1 GiB)
-free, and an unwritable directory turns writing off with one warning: the setup itself never fails for the cache.
+free, and an unwritable directory turns writing off with one warning: a caller never fails for the cache.
 ``python -m frod_kernels.cache {list,size,clear}`` shows and empties it.
 """
 
@@ -37,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import functools
 import hashlib
 import json
 import os
@@ -53,16 +39,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .. import _env
+from .._env import VERSION
+from .._tensor_cache import TensorCache
+
 __all__ = ["ENV_DIR", "ENV_SWITCH", "FORMAT", "Store", "cache_dir", "clear", "digest_scope", "digests", "entries",
            "open_store", "tensor_digest"]
 
 FORMAT = 1
 ENV_DIR = "FROD_CACHE_DIR"
 ENV_SWITCH = "FROD_CACHE"
-KINDS = ("V", "fastU", "U", "S")
-_ENTRY = re.compile(r"^(%s)-[0-9a-f]{64}\.safetensors$" % "|".join(KINDS))
+_ENTRY = re.compile(r"^[A-Za-z]+-[0-9a-f]{64}\.safetensors$")
 _TMP_PREFIX = ".tmp-"
-_OFF, _ON = {"0", "false", "no", "off"}, {"", "1", "true", "yes", "on"}
 
 CacheArg = Union[None, bool, str, "os.PathLike[str]"]
 
@@ -84,11 +72,7 @@ def cache_dir(cache: CacheArg = None) -> Optional[Path]:
     ``$XDG_CACHE_HOME/frod_kernels``, else ``~/.cache/frod_kernels``.
     """
     if cache is None:
-        switch = os.environ.get(ENV_SWITCH, "1").strip().lower()
-        if switch not in _OFF | _ON:
-            raise ValueError(f"{ENV_SWITCH}: expected 0 or 1 (false/true, off/on) to turn the projection cache off "
-                             f"or on, got {os.environ[ENV_SWITCH]!r}")
-        return None if switch in _OFF else _default_dir()
+        return _default_dir() if _env.flag(ENV_SWITCH, True) else None
     if cache is True:
         return _default_dir()
     if cache is False:
@@ -101,10 +85,11 @@ def cache_dir(cache: CacheArg = None) -> Optional[Path]:
     raise TypeError(f"cache: expected None, True, False or a directory path, got {type(cache).__name__} {cache!r}")
 
 
-def open_store(cache: CacheArg = None) -> Optional["Store"]:
-    """The :class:`Store` for ``cache`` (see :func:`cache_dir`), or None when caching is off."""
+def open_store(cache: CacheArg = None, *, salt: str) -> Optional["Store"]:
+    """The :class:`Store` for ``cache`` (see :func:`cache_dir`) with the caller's ``salt``, or None when caching is
+    off."""
     root = cache_dir(cache)
-    return None if root is None else Store(root)
+    return None if root is None else Store(root, salt)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -128,28 +113,23 @@ def _digest(t: torch.Tensor) -> str:
 
 
 # Within one PEFT injection the same weight and V are hashed for the category's V and again for each layer's U.
-# Only there: across calls a weight rewritten through .data keeps its version counter, so a memo could go stale.
-_memo: Optional[dict] = None
+# Only there: a scope ends before the caller could change a weight without its version or storage changing.
+_memo: Optional[TensorCache] = None
 
 
 @contextlib.contextmanager
 def digest_scope() -> Iterator[None]:
-    """Within the block, :func:`tensor_digest` hashes each tensor once (keyed by identity, storage and version);
-    the weights must not change inside it."""
+    """Within the block, :func:`tensor_digest` hashes each tensor once (per tensor state); the weights must not
+    change inside it."""
     global _memo
     if _memo is not None:
         yield
         return
-    _memo = {}
+    _memo = TensorCache()
     try:
         yield
     finally:
         _memo = None
-
-
-def _memo_key(t: torch.Tensor) -> tuple:
-    return (id(t), -1 if t.is_inference() else t._version, t.data_ptr(), t.dtype, tuple(t.shape), t.stride(),
-            t.device)
 
 
 def tensor_digest(t: torch.Tensor) -> str:
@@ -170,29 +150,11 @@ def digests(tensors: Sequence[torch.Tensor]) -> list[str]:
     """:func:`tensor_digest` of each tensor, hashed in parallel."""
     if _memo is None:
         return _parallel_digests(tensors)
-    keys = [_memo_key(t) for t in tensors]
-    todo = [i for i in range(len(tensors)) if keys[i] not in _memo]
-    for i, d in zip(todo, _parallel_digests([tensors[i] for i in todo])):
-        _memo[keys[i]] = (tensors[i], d)  # the tensor is kept so its id is not reused within the scope
-    return [_memo[k][1] for k in keys]
-
-
-@functools.lru_cache(maxsize=1)
-def _code_digest() -> str:
-    from .. import projections
-
-    try:
-        return hashlib.sha256(Path(projections.__file__).read_bytes()).hexdigest()
-    except OSError:  # no source file (a frozen install): the version alone then
-        return ""
-
-
-def _key(kind: str, fields: dict) -> str:
-    import frod_kernels
-
-    material = {"format": FORMAT, "kind": kind, "frod_kernels": frod_kernels.__version__, "code": _code_digest(),
-                **fields}
-    return hashlib.sha256(json.dumps(material, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    known = [_memo.peek(t, "digest") for t in tensors]
+    missing = [i for i, d in enumerate(known) if d is None]
+    for i, d in zip(missing, _parallel_digests([tensors[i] for i in missing])):
+        known[i] = _memo.get(tensors[i], "digest", lambda d=d: d)
+    return known
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -208,10 +170,16 @@ def _warn_once(tag: tuple, message: str) -> None:
 
 
 class Store:
-    """One cache directory: :meth:`fetch` returns an entry's tensors, computing and writing them on a miss."""
+    """One cache directory as one caller sees it: :meth:`fetch` returns an entry's tensors, computing and writing
+    them on a miss. ``salt`` is part of every key: callers whose computations differ never share an entry."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, salt: str):
         self.root = Path(root)
+        self.salt = salt
+
+    def key(self, kind: str, fields: dict) -> str:
+        material = {"format": FORMAT, "kind": kind, "salt": self.salt, **fields}
+        return hashlib.sha256(json.dumps(material, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
     def path(self, kind: str, key: str) -> Path:
         return self.root / f"{kind}-{key}.safetensors"
@@ -230,11 +198,11 @@ class Store:
             ) -> Optional[dict[str, torch.Tensor]]:
         """The entry's tensors, or None when it is missing or not usable (then with a warning that names it).
         ``expect``: name -> (dtype, shape or None) the entry must hold."""
-        return self.load(kind, _key(kind, fields), expect or {})
+        return self.load(kind, self.key(kind, fields), expect or {})
 
     def put(self, kind: str, fields: dict, tensors: dict[str, torch.Tensor], info: Optional[dict] = None) -> None:
         """Write the entry keyed by ``(kind, fields)``; ``info`` is what ``list`` shows (not part of the key)."""
-        self.save(kind, _key(kind, fields), tensors, info or {})
+        self.save(kind, self.key(kind, fields), tensors, info or {})
 
     def load(self, kind: str, key: str, expect: dict[str, tuple]) -> Optional[dict[str, torch.Tensor]]:
         """The entry's tensors, or None when it is missing or not usable (warned: the caller recomputes it)."""
@@ -264,7 +232,7 @@ class Store:
         return stored
 
     def _reject(self, path: Path, why: str) -> None:
-        warnings.warn(f"frod_kernels projection cache: not using {path}: {why}; recomputing it and replacing the "
+        warnings.warn(f"frod_kernels cache: not using {path}: {why}; recomputing it and replacing the "
                       "entry", UserWarning, stacklevel=4)
         return None
 
@@ -277,7 +245,7 @@ class Store:
             self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
             usage = shutil.disk_usage(self.root)
             if usage.free - nbytes < max(1 << 30, usage.total // 20):
-                _warn_once((str(self.root), "full"), f"frod_kernels projection cache: not writing to {self.root}: "
+                _warn_once((str(self.root), "full"), f"frod_kernels cache: not writing to {self.root}: "
                            f"less than 5% of its disk (or 1 GiB) would stay free ({usage.free / 2**30:.1f} GiB free "
                            f"now); python -m frod_kernels.cache clear empties it, FROD_CACHE=0 turns it off")
                 return
@@ -295,7 +263,7 @@ class Store:
             os.replace(tmp, self.path(kind, key))
             tmp = None
         except OSError as e:
-            _warn_once((str(self.root), "write"), f"frod_kernels projection cache: cannot write to {self.root} "
+            _warn_once((str(self.root), "write"), f"frod_kernels cache: cannot write to {self.root} "
                        f"({type(e).__name__}: {e}); projections are computed without it")
         finally:
             if tmp is not None:
@@ -304,10 +272,8 @@ class Store:
 
 
 def _info(info: dict) -> dict:
-    import frod_kernels
-
     return {**info, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "frod_kernels": frod_kernels.__version__, "torch": torch.__version__, "threads": torch.get_num_threads()}
+            "frod_kernels": VERSION, "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -26,7 +26,12 @@ import json
 import os
 from typing import Any, Optional
 
+import peft
 import torch
+from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+
+from .._env import VERSION
+from ..projections import category_from_key
 
 __all__ = ["SIDECAR_NAME", "adapter_fingerprint", "compare", "read", "tolerance", "versions", "weights_sha256",
            "write"]
@@ -68,11 +73,7 @@ def tolerance(*dtype_names: str) -> float:
 
 
 def versions() -> dict[str, str]:
-    import peft
-
-    import frod_kernels
-
-    return {"frod_kernels": frod_kernels.__version__, "peft": peft.__version__, "torch": torch.__version__}
+    return {"frod_kernels": VERSION, "peft": peft.__version__, "torch": torch.__version__}
 
 
 def _dtype_name(t: torch.Tensor) -> str:
@@ -81,8 +82,6 @@ def _dtype_name(t: torch.Tensor) -> str:
 
 def adapter_fingerprint(frod_model, adapter_name: str) -> dict[str, Any]:
     """The fingerprint of ``adapter_name``'s projections in a PEFT ``FrodModel`` (``peft_model.base_model``)."""
-    from .projections import category_from_key
-
     categories = {}
     for category in frod_model.frod_V:
         if adapter_name not in frod_model.frod_V[category]:
@@ -105,8 +104,6 @@ def adapter_fingerprint(frod_model, adapter_name: str) -> dict[str, Any]:
 
 def weights_sha256(directory: str) -> Optional[tuple[str, str]]:
     """(file name, SHA-256) of the adapter weights file PEFT wrote in ``directory``, or None if there is none."""
-    from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
-
     for name in (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME):
         path = os.path.join(directory, name)
         if os.path.isfile(path):

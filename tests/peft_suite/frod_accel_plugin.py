@@ -18,14 +18,14 @@ _cache_dir = tempfile.mkdtemp(prefix="frod-peft-suite-cache-")
 
 
 def pytest_configure(config):
-    real = fkp.frod_linear
+    real = fkp.forward.frod_linear
 
     def counting(*args, **kwargs):
         global _calls
         _calls += 1
         return real(*args, **kwargs)
 
-    fkp.frod_linear = counting
+    fkp.forward.frod_linear = counting
     fkp.enable(cache=_cache_dir)
 
 

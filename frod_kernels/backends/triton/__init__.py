@@ -1,9 +1,11 @@
-"""Registration of the Triton kernels as the ``triton`` backend of the kernel-family ops.
+"""Triton kernels for the two kernel families (docs/DESIGN.md section 6), registered as the ``triton`` backend:
+:mod:`.row_gather` and :mod:`.sampled_dot` hold one kernel family each, :mod:`.compile_report` compiles them for
+GPUs without one.
 
-The kernel modules (:mod:`.row_gather`, :mod:`.sampled_dot`) are imported on the first launch, not here: importing
-``triton`` is what the probe needs, while ``@triton.jit`` decides when a kernel module is imported whether its
-kernels compile or run under the interpreter. Deferring that to the first launch lets a process (a test session)
-enable ``TRITON_INTERPRET`` after ``frod_kernels`` has loaded its backends.
+Neither ``triton`` nor the kernel modules are imported here: the probe imports ``triton`` (once, when the backend
+is first asked about), and the kernel modules are imported on the first launch, because ``@triton.jit`` decides
+when a kernel module is imported whether its kernels compile or run under the interpreter. Deferring that lets a
+process (a test session) enable ``TRITON_INTERPRET`` after ``frod_kernels`` has been imported.
 """
 
 from __future__ import annotations
@@ -12,19 +14,14 @@ import os
 
 import torch
 
-from .._backends import register_impl, register_probe
-
-try:
-    import triton  # noqa: F401
-
-    _IMPORT_ERROR = None
-except ImportError as e:  # triton is optional: the torch backend covers every device
-    _IMPORT_ERROR = f"triton is not importable ({e})"
+from ...registry import register_backend, register_impl
 
 
 def _probe(device_type: str) -> "str | None":
-    if _IMPORT_ERROR:
-        return _IMPORT_ERROR
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:  # triton is optional: the torch backend covers every device
+        return f"triton is not importable ({e})"
     if device_type == "cpu":
         if os.environ.get("TRITON_INTERPRET") != "1":
             return "Triton runs on the CPU only under its interpreter (TRITON_INTERPRET=1)"
@@ -34,7 +31,7 @@ def _probe(device_type: str) -> "str | None":
     return f"Triton kernels run on CUDA devices (or the CPU under TRITON_INTERPRET=1), not on {device_type}"
 
 
-register_probe("triton", _probe)
+register_backend("triton", _probe, preference=10)
 
 
 @register_impl("row_gather_diag", "triton")

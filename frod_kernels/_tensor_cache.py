@@ -1,0 +1,66 @@
+"""Values derived from a tensor, kept until the tensor is written, replaced or freed: the one way the package caches
+by tensor identity (pattern layouts, device copies, argument checks, solver factorizations, content digests).
+
+Tensors hash by identity but compare elementwise, so a WeakKeyDictionary cannot hold them, and ``id()`` values are
+reused once a tensor is freed: an entry keeps a weak reference and is dropped when its tensor is freed. An entry
+also records the tensor's version counter (bumped by every in-place write) and data pointer (changed by a
+``.data`` assignment or a move, which keep the Python object), so a rewritten tensor never hits.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, Callable, Hashable
+
+import torch
+
+
+def state(t: torch.Tensor) -> tuple[int, int]:
+    """What changes when ``t``'s contents may have: (version, data pointer). Inference tensors carry no version
+    counter and cannot be written outside inference mode."""
+    return (-1 if t.is_inference() else t._version), t.data_ptr()
+
+
+class TensorCache:
+    """``get(src, tag, build)``: ``build()``'s value for ``(src, tag)``, built on first use and kept until ``src`` is
+    written, replaced or freed (or :meth:`clear`). Instances are independent, so a short-lived user (one PEFT
+    injection) can drop all its entries at once."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple, tuple[weakref.ref, tuple[int, int], Any]] = {}
+
+    def get(self, src: torch.Tensor, tag: Hashable, build: Callable[[], Any]) -> Any:
+        key = (id(src), tag)
+        now = state(src)
+        hit = self._entries.get(key)
+        if hit is not None and hit[1] == now and hit[0]() is src:
+            return hit[2]
+        value = build()
+        self._entries[key] = (weakref.ref(src, self._evict(key)), now, value)
+        return value
+
+    def peek(self, src: torch.Tensor, tag: Hashable) -> Any:
+        """The value cached for ``(src, tag)`` in ``src``'s current state, or None."""
+        hit = self._entries.get((id(src), tag))
+        if hit is not None and hit[1] == state(src) and hit[0]() is src:
+            return hit[2]
+        return None
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _evict(self, key: tuple):
+        entries = self._entries
+
+        def cb(ref: weakref.ref) -> None:
+            if entries.get(key, (None,))[0] is ref:
+                del entries[key]
+
+        return cb
+
+
+# The process-wide cache for what lives as long as its source (layouts, device copies, checks).
+DERIVED = TensorCache()

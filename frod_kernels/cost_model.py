@@ -1,0 +1,52 @@
+"""Which engine path a layer call takes where nothing is measured: the cheapest by a model of each path's work
+(docs/DESIGN.md section 3), in multiply-adds of a large dense GEMM on the same device."""
+
+from __future__ import annotations
+
+from .engine import FACTORED, MATERIALIZED, SPARSE
+
+# Cost of one multiply-add of a sparse step, in multiply-adds of a large dense GEMM on the same device. Measured
+# with the torch backend: CPU (MKL CSR SpMM/SDDMM vs sgemm, 2 cores) about 12-20. GPU: from the roofline
+# (frod_kernels.roofline), the kernel families run at about 21 FLOP/byte in bf16 against an H200's balance of
+# about 184 (790 TFLOP/s over 4.3 TB/s), so about 9 at best; with it the cost model picks the roofline's best
+# path for the README's shapes. On a GPU "auto" measures the paths anyway (frod_kernels.autotune); this is the
+# choice where it does not.
+SPARSE_COST = {"cpu": 16.0, "cuda": 8.0}
+
+# Keep W' between forward and backward (out x in per layer) instead of rebuilding it, only where memory is
+# plentiful and compute is scarce. On a GPU the rebuild costs in/b of a GEMM and keeps peak memory at LoRA's.
+KEEP_MATERIALIZED_WEIGHT = {"cpu": True}
+
+_chosen: dict[tuple, int] = {}
+
+
+def path_costs(b: int, n_in: int, n_out: int, nnz: int, device_type: str, training: bool) -> dict[int, float]:
+    """Estimated multiply-adds (GEMM-equivalent) of one forward (+ backward if ``training``) per path."""
+    k = SPARSE_COST.get(device_type, SPARSE_COST["cuda"])
+    c_build = k * n_out * (n_in + nnz)
+    apply = k * b * (n_in + nnz)
+    x_v, t_u, w_build = b * n_in * n_in, b * n_in * n_out, n_in * n_in * n_out
+    fwd = {
+        SPARSE: x_v + apply + t_u,
+        FACTORED: c_build + x_v + t_u,
+        MATERIALIZED: c_build + w_build + t_u,
+    }
+    if not training:
+        return fwd
+    keep = KEEP_MATERIALIZED_WEIGHT.get(device_type, False)
+    bwd = {
+        SPARSE: t_u + apply + apply + x_v,
+        FACTORED: c_build + 2 * t_u + apply + x_v,
+        MATERIALIZED: (0 if keep else c_build + w_build) + 2 * t_u + w_build + k * n_out * (n_in + nnz),
+    }
+    return {p: fwd[p] + bwd[p] for p in fwd}
+
+
+def choose_path(b: int, n_in: int, n_out: int, nnz: int, device_type: str, training: bool) -> int:
+    """The cheapest path by :func:`path_costs`; remembered per shape, since a training loop asks every step."""
+    key = (b, n_in, n_out, nnz, device_type, training)
+    path = _chosen.get(key)
+    if path is None:
+        costs = path_costs(b, n_in, n_out, nnz, device_type, training)
+        path = _chosen[key] = min(costs, key=costs.__getitem__)
+    return path

@@ -1,0 +1,108 @@
+"""The fused forward of an accelerated PEFT FRoD layer (``peft.tuners.frod.layer.Linear.forward``'s replacement).
+
+The fused path runs when exactly one adapter of the layer is active, the adapter is not merged and adapters are
+not disabled; any dropout. It computes what PEFT's forward computes:
+
+* dropout inactive (``nn.Identity`` or eval): ``y = FRoD(x) + bias``, the base layer skipped (its weight offloaded
+  to the CPU under ``runtime_offload_base_weight``, as PEFT does);
+* dropout active in training: ``y = base_layer(x) + FRoD_nobias(h) - h W^T`` with ``h = dropout(x)``, the base
+  layer called before dropout draws its mask, as PEFT does, so the same seed gives the same mask.
+
+Everything else (several active adapters, merged, disabled adapters, an invalid pattern) runs PEFT's forward.
+PEFT keeps ``frod_V`` and ``frod_s_indices`` on the CPU and copies them to the activations' device on every call;
+here the device/dtype copies and the packed pattern layout are cached per shared tensor (one V per category on
+the device, not one per layer) and rebuilt only when the source tensor is replaced or written in place.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from peft.utils.other import transpose
+from torch import nn
+
+from .._tensor_cache import DERIVED
+from ..layout import build_layout, check_pattern
+from ..ops import frod_linear
+from .state import PEFT_FORWARD, is_on
+
+
+@functools.wraps(PEFT_FORWARD)
+def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    if not is_on(self):
+        return PEFT_FORWARD(self, x, *args, **kwargs)
+    adapter = _fusable_adapter(self, x)
+    if adapter is None:
+        return PEFT_FORWARD(self, x, *args, **kwargs)
+    layout = _device_layout(self.frod_s_indices[adapter], x.device, self.in_features)
+    if layout is None:
+        return PEFT_FORWARD(self, x, *args, **kwargs)
+    s_indices, packed = layout
+    V = _device_copy(self.frod_V[adapter], x.device, x.dtype)
+    U = _device_copy(self.frod_U[adapter], x.device, x.dtype)
+    # PEFT moves the trainable tensors with a differentiable .to(); a no-op when they already live on x's device
+    lambda_l = self.frod_lambda_l[adapter].to(device=x.device)
+    s_values = self.frod_lambda_s_values[adapter].to(device=x.device)
+    previous_dtype = x.dtype
+    base_layer = self.get_base_layer()
+    dropout = self.frod_dropout[adapter]
+
+    if isinstance(dropout, nn.Identity) or not dropout.training:
+        if self.runtime_offload_base_weight.get(adapter, False):
+            self._offload_base_weight_to_cpu()
+        bias = base_layer.bias
+        if bias is not None:
+            bias = bias.to(device=x.device)
+        result = frod_linear(x, V, U, lambda_l, s_values, s_indices, bias, layout=packed)
+    else:
+        # PEFT's terms in PEFT's order: the base layer runs before dropout draws its mask
+        self._move_base_weight_to_device(x.device)
+        result = self.base_layer(x, *args, **kwargs)
+        h = dropout(x)
+        out_add = frod_linear(h, V, U, lambda_l, s_values, s_indices, layout=packed)
+        base_weight = transpose(base_layer.weight, self.fan_in_fan_out).to(device=x.device, dtype=x.dtype)
+        result = result + out_add - F.linear(h, base_weight)
+    return result.to(previous_dtype)
+
+
+def _fusable_adapter(layer, x) -> Optional[str]:
+    """The one active adapter when the fused path computes what PEFT's forward does, else None."""
+    if layer.disable_adapters or layer.merged or layer.frod_V is None or layer.frod_s_indices is None:
+        return None
+    active = [a for a in layer.active_adapters if a in layer.frod_lambda_s_values]
+    if len(active) != 1:
+        return None
+    if not isinstance(x, torch.Tensor) or x.dtype not in (torch.float16, torch.bfloat16, torch.float32,
+                                                          torch.float64):
+        return None
+    if x.dim() < 1 or x.shape[-1] != layer.in_features:
+        return None
+    return active[0]
+
+
+# Under torch.compile the cached copies and layout are graph constants: dynamo cannot trace the id/weakref/_version
+# cache lookups (nor the pattern check's .item()). A layer whose frod_V or frod_s_indices is replaced after
+# compiling keeps the old constants until the graph recompiles.
+@torch._dynamo.assume_constant_result
+def _device_copy(src: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    if src.device == device and src.dtype == dtype:
+        return src
+    return DERIVED.get(src, ("to", device, dtype), lambda: src.detach().to(device=device, dtype=dtype))
+
+
+@torch._dynamo.assume_constant_result
+def _device_layout(s_indices: torch.Tensor, device: torch.device, n: int):
+    """(s_indices on ``device`` as int64, its packed layout), or None for a pattern the kernels do not take
+    (duplicates, diagonal entries: PEFT's coalesce sums duplicates, so such a layer keeps PEFT's forward)."""
+    def build():
+        idx = s_indices.detach().to(device=device, dtype=torch.long)
+        try:
+            check_pattern(idx, n)
+        except ValueError:
+            return None
+        return idx, build_layout(idx, n, validate=False).packed
+
+    return DERIVED.get(s_indices, ("peft-layout", device, n), build)
