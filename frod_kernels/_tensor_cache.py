@@ -5,6 +5,10 @@ Tensors hash by identity but compare elementwise, so a WeakKeyDictionary cannot 
 reused once a tensor is freed: an entry keeps a weak reference and is dropped when its tensor is freed. An entry
 also records the tensor's version counter (bumped by every in-place write) and data pointer (changed by a
 ``.data`` assignment or a move, which keep the Python object), so a rewritten tensor never hits.
+
+A view is keyed by the tensor it views and its own geometry, not by its own identity: a module that hands out a
+fresh view per call (``FrodLinear.U``, the transpose of its stored ``U_t``) still hits. A view shares its base's
+version counter, so a write through either is seen.
 """
 
 from __future__ import annotations
@@ -21,6 +25,13 @@ def state(t: torch.Tensor) -> tuple[int, int]:
     return (-1 if t.is_inference() else t._version), t.data_ptr()
 
 
+def _owner_and_key(src: torch.Tensor, tag: Hashable) -> tuple[torch.Tensor, tuple]:
+    base = src._base
+    if base is None:
+        return src, (id(src), tag)
+    return base, (id(base), tag, src.shape, src.stride(), src.storage_offset())
+
+
 class TensorCache:
     """``get(src, tag, build)``: ``build()``'s value for ``(src, tag)``, built on first use and kept until ``src`` is
     written, replaced or freed (or :meth:`clear`). Instances are independent, so a short-lived user (one PEFT
@@ -29,20 +40,23 @@ class TensorCache:
     def __init__(self) -> None:
         self._entries: dict[tuple, tuple[weakref.ref, tuple[int, int], Any]] = {}
 
-    def get(self, src: torch.Tensor, tag: Hashable, build: Callable[[], Any]) -> Any:
-        key = (id(src), tag)
-        now = state(src)
+    def get(self, src: torch.Tensor, tag: Hashable, build: Callable[[], Any], stamp: Hashable = None) -> Any:
+        """``stamp``: more that the value depends on (other tensors' states); unlike ``tag`` it is not part of the
+        key, so a new stamp replaces the entry instead of adding one."""
+        owner, key = _owner_and_key(src, tag)
+        now = (state(src), stamp)
         hit = self._entries.get(key)
-        if hit is not None and hit[1] == now and hit[0]() is src:
+        if hit is not None and hit[1] == now and hit[0]() is owner:
             return hit[2]
         value = build()
-        self._entries[key] = (weakref.ref(src, self._evict(key)), now, value)
+        self._entries[key] = (weakref.ref(owner, self._evict(key)), now, value)
         return value
 
-    def peek(self, src: torch.Tensor, tag: Hashable) -> Any:
-        """The value cached for ``(src, tag)`` in ``src``'s current state, or None."""
-        hit = self._entries.get((id(src), tag))
-        if hit is not None and hit[1] == state(src) and hit[0]() is src:
+    def peek(self, src: torch.Tensor, tag: Hashable, stamp: Hashable = None) -> Any:
+        """The value cached for ``(src, tag)`` in ``src``'s current state (and ``stamp``), or None."""
+        owner, key = _owner_and_key(src, tag)
+        hit = self._entries.get(key)
+        if hit is not None and hit[1] == (state(src), stamp) and hit[0]() is owner:
             return hit[2]
         return None
 

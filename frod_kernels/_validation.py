@@ -27,7 +27,7 @@ import torch
 
 from . import _env
 from ._numerics import FLOAT_DTYPES
-from ._tensor_cache import TensorCache
+from ._tensor_cache import TensorCache, state
 from .layout import packed_size
 
 
@@ -44,24 +44,58 @@ def check_tensor(name: str, t, *, dim: int | None = None, dtypes=FLOAT_DTYPES) -
 
 
 def check_frod_args(x, V, U, lambda_l, s_values, s_indices, bias, layout=None) -> None:
-    """Every argument of :func:`frod_kernels.frod_linear`. A training step calls this once per layer, so what
-    cannot change between calls without the tensor changing (the frozen V, U, pattern and layout's own shapes and
-    dtypes) is checked once per tensor state (:mod:`frod_kernels._tensor_cache`), and the rest is a handful of
-    attribute reads."""
+    """Every argument of :func:`frod_kernels.frod_linear`. A training step calls this once per layer, so all that
+    cannot change without a tensor changing (every argument's shape, dtype and device, and the values the finite
+    checks read) is checked once per state of the arguments (:mod:`frod_kernels._tensor_cache`): a call re-checks
+    only what an optimizer step or a write changed. What can change without that (``x``, grad mode, the
+    ``requires_grad`` flags) is a handful of attribute reads per call."""
     check_tensor("x", x)
     if x.dim() < 1:
         raise ValueError("x: expected shape (..., in_features), got a 0-D tensor")
-    _once(V, "V", lambda: _check_basis(V))
+    mode = finite_mode()
+    if torch.compiler.is_compiling():
+        _check_arguments(x.device, V, U, lambda_l, s_values, s_indices, bias, layout, False)  # becomes guards
+    else:
+        try:
+            stamp = (x.device, mode) + tuple(None if t is None else (id(t), state(t))
+                                             for t in (V, s_indices, layout, lambda_l, s_values, bias))
+            passed = _ONCE.peek(U, "arguments", stamp)
+        except (AttributeError, TypeError):  # an argument that is no tensor: the full check names it
+            passed = stamp = None
+        if passed is None:
+            capturing = x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+            _check_arguments(x.device, V, U, lambda_l, s_values, s_indices, bias, layout,
+                             mode is not False and not capturing)
+            _ONCE.get(U, "arguments", lambda: True, stamp)
     n = V.shape[0]
     if x.shape[-1] != n:
         raise ValueError(f"x: expected last dim in_features={n} (from V), got shape {tuple(x.shape)}")
-    _once(U, ("U", n), lambda: _check_projection(U, n))
+    if (V.requires_grad or U.requires_grad) and torch.is_grad_enabled():
+        name = "V" if V.requires_grad else "U"
+        raise ValueError(f"{name}: must not require grad (FRoD keeps the basis and projection frozen); "
+                         f"call {name}.requires_grad_(False)")
+    if mode is True and not torch.compiler.is_compiling() and not (
+            x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        for name, t in (("x", x), ("lambda_l", lambda_l), ("s_values", s_values), ("bias", bias)):
+            if t is not None and _checkable(t):
+                check_finite(name, t)
+
+
+# Checks that passed, per state of the arguments: an entry holds True, and a failing check raises before one is made.
+_ONCE = TensorCache()
+
+
+def _check_arguments(device: torch.device, V, U, lambda_l, s_values, s_indices, bias, layout, finite: bool) -> None:
+    """All but ``x``'s shape, grad mode and the requires_grad flags. ``finite``: also the values that "auto" reads
+    (V and U on any device, once per state: a sync on a GPU; the trainable tensors on the CPU only)."""
+    _check_basis(V)
+    n = V.shape[0]
+    _check_projection(U, n)
     check_tensor("lambda_l", lambda_l, dim=1)
     if lambda_l.shape[0] != n:
         raise ValueError(f"lambda_l: expected shape ({n},), got {tuple(lambda_l.shape)}")
     check_tensor("s_values", s_values, dim=1)
-    _once(s_indices, "s_indices", lambda: check_tensor("s_indices", s_indices, dim=2,
-                                                           dtypes=(torch.int64, torch.int32)))
+    check_tensor("s_indices", s_indices, dim=2, dtypes=(torch.int64, torch.int32))
     if s_indices.shape[0] != 2:
         raise ValueError(f"s_indices: expected shape (2, nnz), got {tuple(s_indices.shape)}")
     if s_indices.shape[1] != s_values.shape[0]:
@@ -71,30 +105,17 @@ def check_frod_args(x, V, U, lambda_l, s_values, s_indices, bias, layout=None) -
         check_tensor("bias", bias, dim=1)
         if bias.shape[0] != U.shape[0]:
             raise ValueError(f"bias: expected shape ({U.shape[0]},) (out_features, from U), got {tuple(bias.shape)}")
-    device = x.device
     for name, t in (("V", V), ("U", U), ("lambda_l", lambda_l), ("s_values", s_values), ("s_indices", s_indices),
                     ("bias", bias)):
         if t is not None and t.device != device:
             raise ValueError(f"{name}: expected device {device} (the device of x), got {t.device}")
-    if (V.requires_grad or U.requires_grad) and torch.is_grad_enabled():
-        name = "V" if V.requires_grad else "U"
-        raise ValueError(f"{name}: must not require grad (FRoD keeps the basis and projection frozen); "
-                         f"call {name}.requires_grad_(False)")
     if layout is not None:
-        nnz = s_values.shape[0]
-        _once(layout, ("layout", n, nnz, device), lambda: check_layout(layout, n, nnz, device))
-    check_finite_inputs(x, V, U, lambda_l, s_values, bias)
-
-
-# Checks that passed, per tensor state: an entry holds None, and a failing check raises before one is made.
-_ONCE = TensorCache()
-
-
-def _once(t: torch.Tensor, tag, check) -> None:
-    if torch.compiler.is_compiling():
-        check()  # traced once per graph: the metadata it reads becomes the graph's guards
-    else:
-        _ONCE.get(t, tag, check)
+        check_layout(layout, n, s_indices.shape[1], device)
+    if finite:
+        trainable = (("lambda_l", lambda_l), ("s_values", s_values), ("bias", bias)) if device.type == "cpu" else ()
+        for name, t in (("V", V), ("U", U)) + trainable:
+            if t is not None and _checkable(t):
+                check_finite(name, t)
 
 
 def _check_basis(V) -> None:
@@ -182,31 +203,6 @@ def check_finite(name: str, t: torch.Tensor) -> None:
 
 def _checkable(t: torch.Tensor) -> bool:
     return t.device.type != "meta" and t.numel() > 0
-
-
-def _check_once(name: str, t: torch.Tensor) -> None:
-    # a write bumps the version, so a tensor that passed is read again only after it changed
-    _ONCE.get(t, ("finite", name), lambda: check_finite(name, t))
-
-
-def check_finite_inputs(x, V, U, lambda_l, s_values, bias) -> None:
-    mode = finite_mode()
-    if mode is False or torch.compiler.is_compiling():
-        return
-    if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return
-    trainable = [("lambda_l", lambda_l), ("s_values", s_values)] + ([("bias", bias)] if bias is not None else [])
-    if mode is True:
-        for name, t in [("x", x), ("V", V), ("U", U)] + trainable:
-            if _checkable(t):
-                check_finite(name, t)
-        return
-    for name, t in (("V", V), ("U", U)):
-        if _checkable(t):
-            _check_once(name, t)
-    for name, t in trainable:
-        if _checkable(t) and t.device.type == "cpu":
-            _check_once(name, t)
 
 
 # ---- options of FrodLinear.from_linear / replace_linears --------------------------------------------------------

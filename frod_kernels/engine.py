@@ -20,8 +20,8 @@ column-major (shape (out, in), strides (1, out)): :class:`frod_kernels.FrodLinea
 it so, at no cost in memory, and no call copies it. The activations are produced feature-major by the GEMM itself
 (``z^T = V^T x^T``: cuBLAS writes the transpose for free) except where that GEMM is slow: MKL runs the skinny
 transposed product ``V^T x^T`` several times slower than ``x V`` for few tokens (measured on the project's CPU:
-38x at 8 tokens, in = 1024), so there ``z = x V`` is computed and the kernel family copies its b x in transpose,
-which costs less than one such GEMM (:data:`FEATURE_MAJOR_MIN_TOKENS`).
+38x at 8 tokens, in = 1024), so there ``z = x V`` is computed and the torch twin, the CPU's kernels, reads its
+transpose as it is (:data:`FEATURE_MAJOR_MIN_TOKENS`). Other kernels copy such an operand to contiguous rows.
 """
 
 from __future__ import annotations
@@ -60,14 +60,14 @@ def _feature_major(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def full_rank_update_t(U, lambda_l, s_values, lay, k: Kernels):
     """``C^T = (diag(lambda) + S)^T U^T`` (in x out), the right-hand operand of ``y = z C^T``."""
-    return k.row_gather(U.t(), lambda_l, s_values[lay.col_perm], lay.col_ptr, lay.col_src)
+    return k.row_gather(U.t(), lambda_l, s_values.index_select(0, lay.col_perm), lay.col_ptr, lay.col_src)
 
 
 def forward(x, V, U, lambda_l, s_values, lay, bias, path: int, keep_weight: bool, k: Kernels):
     """Returns ``(y, saved)``; ``saved`` is what backward needs besides the inputs (z^T, or W'^T, or nothing)."""
     if path == SPARSE:
         z_t = _feature_major(x, V)
-        t_t = k.row_gather(z_t, lambda_l, s_values[lay.row_perm], lay.row_ptr, lay.row_src)
+        t_t = k.row_gather(z_t, lambda_l, s_values.index_select(0, lay.row_perm), lay.row_ptr, lay.row_src)
         return _linear(t_t.t(), U.t(), bias), z_t
     c_t = full_rank_update_t(U, lambda_l, s_values, lay, k)
     if path == FACTORED:
@@ -95,18 +95,21 @@ def backward(g, x, saved, V, U, lambda_l, s_values, lay, path: int, need_x: bool
             ds_grouped, dlam = k.sampled_dot(dt_t, z_t, lay.row_ptr, lay.row_src)
         if need_x:
             if path == SPARSE:
-                dz = k.row_gather(dt_t, lambda_l, s_values[lay.col_perm], lay.col_ptr, lay.col_src).t()
+                dz = k.row_gather(dt_t, lambda_l, s_values.index_select(0, lay.col_perm), lay.col_ptr, lay.col_src).t()
             else:
                 dz = g @ full_rank_update_t(U, lambda_l, s_values, lay, k).t()
             dx = dz @ V.t()
     ds = None
     if need_s:
-        ds = torch.empty_like(s_values)
-        ds[lay.row_perm] = ds_grouped.to(s_values.dtype)
-    return dx, (dlam.to(lambda_l.dtype) if need_lambda else None), ds
+        if ds_grouped.dtype != s_values.dtype:
+            ds_grouped = ds_grouped.to(s_values.dtype)
+        ds = torch.empty_like(s_values).index_copy_(0, lay.row_perm, ds_grouped)
+    if need_lambda and dlam.dtype != lambda_l.dtype:
+        dlam = dlam.to(lambda_l.dtype)
+    return dx, (dlam if need_lambda else None), ds
 
 
 def _linear(a, w_t, bias):
     if bias is None:
         return a @ w_t
-    return torch.addmm(bias.to(a.dtype), a, w_t)
+    return torch.addmm(bias if bias.dtype == a.dtype else bias.to(a.dtype), a, w_t)

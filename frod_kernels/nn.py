@@ -86,7 +86,10 @@ class FrodLinear(nn.Module):
         self.in_features, self.out_features = n_in, U.shape[0]
         self.fan_in_fan_out = fan_in_fan_out
         self.basis = basis
-        self.U = nn.Parameter(U.contiguous(), requires_grad=False)  # contiguous for FSDP2, as V
+        # U is kept as its transpose, contiguous: every row the sparse steps gather from U^T is then contiguous
+        # (U itself is the column-major view U_t.t(): the same memory), and FSDP2, which shards only contiguous
+        # parameters, shards it. The state dict still holds "U" in nn.Linear's (out, in) orientation.
+        self.U_t = nn.Parameter(U.t().contiguous(), requires_grad=False)
         self.lambda_l = nn.Parameter(lambda_l)
         if s_values is None:
             s_values = torch.zeros(basis.nnz, dtype=lambda_l.dtype, device=lambda_l.device)
@@ -99,8 +102,22 @@ class FrodLinear(nn.Module):
             self.register_buffer("base_weight", base_weight)
         else:
             self.base_weight = None
+        self.register_state_dict_post_hook(FrodLinear._save_u)
+        self.register_load_state_dict_pre_hook(FrodLinear._load_u)
 
     V = property(lambda self: self.basis.V)
+    U = property(lambda self: self.U_t.t(), doc="(out, in), column-major: a view of ``U_t``")
+
+    @staticmethod
+    def _save_u(module, state_dict, prefix, local_metadata) -> None:
+        if prefix + "U_t" in state_dict:
+            state_dict[prefix + "U"] = state_dict.pop(prefix + "U_t").t()
+
+    @staticmethod
+    def _load_u(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        U = state_dict.pop(prefix + "U", None)
+        if U is not None:
+            state_dict[prefix + "U_t"] = U.t()
     s_indices = property(lambda self: self.basis.s_indices)
 
     @classmethod

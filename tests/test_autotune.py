@@ -289,3 +289,81 @@ def test_on_a_gpu_choices_are_measured_and_right(dtype):
     for g, r in zip(got, ref):
         if r is not None:
             assert rel_err(g, r) <= TOLERANCE[dtype]
+
+
+@pytest.fixture(params=["deterministic", "off"])
+def fixed_order(request, harness):
+    """The fixed order (nothing measured), by either switch."""
+    prev = torch.are_deterministic_algorithms_enabled()
+    if request.param == "deterministic":
+        torch.use_deterministic_algorithms(True)
+    else:
+        fk.set_autotune(False)
+    yield harness
+    torch.use_deterministic_algorithms(prev)
+
+
+def test_fixed_order_runs_a_kernel_only_once_it_matched_the_twin(fixed_order):
+    twin_calls = []
+    fixed_order.kernel("torch", lambda *a: twin_calls.append(1) or torch_backend.row_gather_diag(*a))
+    args = gather_args()
+    assert_right(gather(args), args)
+    assert fixed_order.calls.get("cuda") == 1 and len(twin_calls) == 1, "the first call of a class verifies"
+    assert "matched the torch twin" in fk.explain()
+    for _ in range(3):
+        assert_right(gather(args), args)
+    assert fixed_order.calls["cuda"] == 4 and len(twin_calls) == 1, "a verified class was verified again"
+    other = gather_args(n=300, m=24, nnz=900)  # another class: verified on its first call
+    gather(other)
+    assert len(twin_calls) == 2
+    assert fixed_order.timed == []
+
+
+@pytest.mark.parametrize("fault", ["wrong", "raises"])
+def test_fixed_order_remembers_a_kernel_that_failed_its_check(fixed_order, fault):
+    def bad(*args):
+        if fault == "raises":
+            raise RuntimeError("misaligned address")
+        return torch_backend.row_gather_diag(*args) * 1.01
+
+    fixed_order.kernel("cuda", bad)
+    args = gather_args()
+    with pytest.warns(RuntimeWarning, match="cuda kernel of row_gather_diag did not match the torch twin"):
+        out = gather(args)
+    assert_right(out, args)  # the next backend in the order (Triton, verified too) or the twin
+    fixed_order.calls.clear()
+    other = gather_args(n=300, m=24, nnz=900)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert_right(gather(args), args)
+        assert_right(gather(other), other)
+    assert fixed_order.calls.get("cuda", 0) == 0, "a kernel that failed its check ran again"
+    report = fk.explain()
+    assert "dropped after a failure: cuda for row_gather_diag" in report
+    assert ("wrong" in report) if fault == "wrong" else ("misaligned address" in report)
+
+
+def test_a_wrong_kernel_found_while_measuring_is_remembered(harness):
+    harness.kernel("cuda", lambda *a: torch_backend.row_gather_diag(*a) * 1.01)
+    harness.times = {"cuda": 0.1, "triton": 2.0, "torch": 1.0}
+    with pytest.warns(RuntimeWarning, match="'cuda' left out.*wrong result"):
+        gather(gather_args())
+    harness.calls.clear()
+    gather(gather_args(n=300, m=24, nnz=900))  # another class: cuda is not even a candidate now
+    assert harness.calls.get("cuda", 0) == 0 and "cuda" not in harness.timed[-3:]
+    assert "dropped after a failure: cuda for row_gather_diag" in fk.explain()
+
+
+def test_verifications_persist_in_the_cache_file(fixed_order, tmp_path):
+    path = tmp_path / "autotune.json"
+    fk.set_autotune(enabled=autotune.get_autotune()["enabled"], cache=path)
+    args = gather_args()
+    gather(args)
+    entries = json.loads(path.read_text())["entries"]
+    assert any(e.get("ok") and "matched the torch twin" in e["why"] for e in entries.values())
+    autotune.clear()  # a new process, as far as verifications go
+    twin_calls = []
+    fixed_order.kernel("torch", lambda *a: twin_calls.append(1) or torch_backend.row_gather_diag(*a))
+    fixed_order.calls.clear()
+    assert_right(gather(args), args)
+    assert twin_calls == [] and fixed_order.calls.get("cuda") == 1, "the cache file's verification was not used"

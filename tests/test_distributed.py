@@ -195,4 +195,5 @@ def test_fsdp2_shards_all_but_the_shared_basis(runs):
     _, per_rank, _ = runs
     sharded = per_rank[0]["fsdp2"][1]["sharded"]
     assert not any(n.endswith(".V") for n in sharded)
-    assert {"blocks.0.fc.U", "blocks.1.fc.U", "head.U", "blocks.0.fc.s_values", "head.lambda_l"} <= set(sharded)
+    # U is stored as its contiguous transpose U_t (docs/DESIGN.md section 6, "Layouts")
+    assert {"blocks.0.fc.U_t", "blocks.1.fc.U_t", "head.U_t", "blocks.0.fc.s_values", "head.lambda_l"} <= set(sharded)

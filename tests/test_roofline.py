@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from frod_kernels import engine, roofline
+from frod_kernels import cost_model, engine, roofline
 from frod_kernels.bench.layer import LINEAR, LORA, PEFT_FROD, add_floors, frod_method
 from frod_kernels.layout import pattern_layout
 from conftest import random_problem
@@ -18,11 +18,11 @@ def test_gemm_flops_and_kernel_calls_are_the_engines(path, n_in, n_out, b, monke
     x, V, U, lam, s, si, bias = random_problem(n_in, n_out, 70, lead=(b,), bias=False)
     lay = pattern_layout(si, n_in)
     calls = []
-    monkeypatch.setattr(engine, "_ops", lambda: _Spy(calls))
-    keep = engine.KEEP_MATERIALIZED_WEIGHT.get("cpu", False)
+    k = _spy(calls)
+    keep = cost_model.KEEP_MATERIALIZED_WEIGHT.get("cpu", False)
     with FlopCounterMode(display=False) as counter:
-        y, saved = engine.forward(x, V, U, lam, s, lay, None, path, keep)
-        engine.backward(torch.randn_like(y), x, saved, V, U, lam, s, lay, path, True, True, True)
+        y, saved = engine.forward(x, V, U, lam, s, lay, None, path, keep, k)
+        engine.backward(torch.randn_like(y), x, saved, V, U, lam, s, lay, path, True, True, True, k)
     steps = roofline.path_steps(path, b, n_in, n_out, si.shape[1], "float32", training=True, keep_weight=keep)
     gemms = [st for st in steps if "row_gather" not in st.name and "sampled_dot" not in st.name]
     assert sum(st.flops for st in gemms) == counter.get_total_flops()
@@ -31,17 +31,15 @@ def test_gemm_flops_and_kernel_calls_are_the_engines(path, n_in, n_out, b, monke
     assert sorted(named) == sorted(calls)
 
 
-class _Spy:
-    """Stands in for torch.ops.frod inside the engine: records each kernel-family call and runs the real op."""
-
-    def __init__(self, calls):
-        self.calls = calls
-
-    def __getattr__(self, op):
+def _spy(calls) -> engine.Kernels:
+    """The engine's kernels, recording each kernel-family call before running the real op."""
+    def recording(op):
         def call(*args):
-            self.calls.append(op)
+            calls.append(op)
             return getattr(torch.ops.frod, op)(*args)
         return call
+
+    return engine.Kernels(recording("row_gather_diag"), recording("sampled_dot_diag"))
 
 
 def test_floors_are_rooflines():

@@ -6,10 +6,11 @@ constant-time wrapper around the cached index arrays of the layout and the curre
 densify happens per call. Those kernels take float32/float64 only, so half-precision operands are upcast, which is
 also the float32 accumulation the other backends do.
 
-Short rows (a few tokens) are the exception: there MKL's sampled SDDMM costs milliseconds for a few thousand dot
-products of length 8, while gathering both operands' rows and summing their products costs microseconds. The
-crossover, :data:`GATHER_DOT_MAX_M`, was measured on the project's CPU machine (2 cores, torch 2.13, in = 1024,
-1% density): the gather wins up to about 64 columns.
+Tiny problems are the exception: there a CSR call's fixed cost (building the handle, and MKL's threads, which
+stall for milliseconds on a loaded machine) exceeds the work, and plain gathers are cheaper. The crossover,
+:data:`GATHER_MAX_WORK` multiply-adds, was measured on the project's CPU machine (torch 2.13, one thread): at
+64 x 128 with 40 nonzeros (5,120) the two cost the same, at 64 x 8 the gathers are 20-40% cheaper, and at
+1024 x 8 with 10,485 nonzeros (84,000) CSR is 7-10x cheaper.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ import warnings
 import torch
 
 from .._numerics import acc_dtype
+from .._tensor_cache import DERIVED
 from ..registry import register_backend, register_impl
 
 register_backend("torch", lambda device_type: None, preference=0)
 
-GATHER_DOT_MAX_M = 64
+GATHER_MAX_WORK = 4096
 
 _warned_beta = False
 
@@ -41,35 +43,68 @@ def _csr(ptr: torch.Tensor, src: torch.Tensor, values: torch.Tensor, n_rows: int
         return csr
 
 
+# A dtype or layout check costs less host time than a no-op .to() or .contiguous(), which is still an op call.
 def _to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    # a dtype check costs less host time than a no-op .to() on the hot path
     return t if t.dtype == dtype else t.to(dtype)
+
+
+def _rows(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype`` with contiguous rows."""
+    t = _to(t, dtype)
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def _group_ids(ptr: torch.Tensor) -> torch.Tensor:
+    """The group (row) of each grouped nonzero, derived once per layout."""
+    return DERIVED.get(ptr, "group-ids", lambda: torch.repeat_interleave(
+        torch.arange(ptr.numel() - 1, device=ptr.device), ptr.diff()))
+
+
+def _tokens_major(t: torch.Tensor) -> bool:
+    """Whether ``t`` (n x m) is the transpose of a contiguous (m x n) tensor: activations the CPU's GEMMs produced
+    token-major (:func:`frod_kernels.engine.gemm_writes_transpose`), which the gathers then read as they are."""
+    return t.shape[1] > 1 and t.stride(0) == 1 and t.stride(1) == t.shape[0]
 
 
 @register_impl("row_gather_diag", "torch")
 def row_gather_diag(A, diag, weights, ptr, src):
     acc = acc_dtype(A.dtype)
-    # contiguous rows for the SpMM, and a fresh contiguous result whatever A's strides (the schema promises it)
-    a = _to(A, acc).contiguous()
-    out = a * _to(diag, acc).unsqueeze(1)
-    if src.numel() and A.shape[1]:
-        out += _csr(ptr, src, _to(weights, acc), A.shape[0], A.shape[0]) @ a
+    n, m = A.shape
+    d, w = _to(diag, acc), _to(weights, acc)
+    if src.numel() * m <= GATHER_MAX_WORK:
+        groups = _group_ids(ptr)
+        if _tokens_major(A):  # work on the token-major rows: no transposed copy
+            a = _to(A.t(), acc)
+            out = a * d
+            out.index_add_(1, groups, a.index_select(1, src) * w)
+            return _to(out, A.dtype).t()
+        a = _to(A, acc)
+        out = a * d.unsqueeze(1)
+        out.index_add_(0, groups, a.index_select(0, src) * w.unsqueeze(1))
+        return _to(out, A.dtype)
+    a = _rows(A, acc)  # contiguous rows for MKL's SpMM
+    out = a * d.unsqueeze(1)
+    if m:
+        out += _csr(ptr, src, w, n, n) @ a
     return _to(out, A.dtype)
 
 
 @register_impl("sampled_dot_diag", "torch")
 def sampled_dot_diag(P, Q, ptr, src):
     acc = acc_dtype(P.dtype)
+    n, m = P.shape
+    if src.numel() * m <= GATHER_MAX_WORK:
+        groups = _group_ids(ptr)
+        if _tokens_major(P) and _tokens_major(Q):
+            p, q = _to(P.t(), acc), _to(Q.t(), acc)
+            return (p.index_select(1, groups) * q.index_select(1, src)).sum(0), (p * q).sum(0)
+        p, q = _to(P, acc), _to(Q, acc)
+        return (p.index_select(0, groups) * q.index_select(0, src)).sum(1), (p * q).sum(1)
     # Row-contiguous operands: MKL's SDDMM and the diagonal's elementwise product are each 2-6x slower on a
     # transposed view than one copy plus the contiguous kernels.
-    p, q = _to(P, acc).contiguous(), _to(Q, acc).contiguous()
+    p, q = _rows(P, acc), _rows(Q, acc)
     # not einsum: with a transposed operand it lowers to a batched matmul of row-by-row copies, 10x slower
     diag = (p * q).sum(1)
-    if src.numel() == 0:
-        return torch.zeros(0, dtype=acc, device=P.device), diag
-    if P.shape[1] <= GATHER_DOT_MAX_M:
-        rows = torch.repeat_interleave(torch.arange(P.shape[0], device=P.device), ptr.diff())
-        return (p[rows] * q[src]).sum(1), diag
-    mask = _csr(ptr, src, torch.zeros(src.numel(), dtype=acc, device=P.device), P.shape[0], Q.shape[0])
+    mask = _csr(ptr, src, torch.zeros(src.numel(), dtype=acc, device=P.device), n, Q.shape[0])
     vals = torch.sparse.sampled_addmm(mask, p, q.transpose(0, 1), beta=0.0).values()
     return vals, diag

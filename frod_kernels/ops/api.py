@@ -59,7 +59,7 @@ def frod_linear(
     check_frod_args(x, V, U, lambda_l, s_values, s_indices, bias, layout)
     n_in, n_out, nnz = V.shape[0], U.shape[0], s_values.shape[0]
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, n_in)
+    x2 = x if x.dim() == 2 else x.reshape(-1, n_in)
     dev = x.device.type
     compiling = torch.compiler.is_compiling()
     autocast = _autocast_on(dev)
@@ -94,7 +94,7 @@ def frod_linear(
             y = _FrodLinear.apply(x2, lambda_l, s_values, bias, V, U, lay, p, keep, k)
     else:
         y = _FrodLinear.apply(x2, lambda_l, s_values, bias, V, U, lay, p, keep, k)
-    return y.reshape(*lead, n_out)
+    return y if x.dim() == 2 else y.reshape(*lead, n_out)
 
 
 class _FrodLinear(torch.autograd.Function):
@@ -113,7 +113,8 @@ class _FrodLinear(torch.autograd.Function):
     def backward(ctx, g):
         need_x, need_lambda, need_s, need_bias = ctx.needs_input_grad[:4]
         x, saved, lambda_l, s_values = ctx.saved_tensors
-        g = g.contiguous()
+        if not g.is_contiguous():
+            g = g.contiguous()
         dev = g.device.type
         if _autocast_on(dev):
             with torch.autocast(dev, enabled=False):

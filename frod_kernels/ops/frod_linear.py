@@ -40,8 +40,8 @@ def frod_linear_fwd(
     lay = layout_of(s_indices, layout, V.shape[0], s_values.shape[0])
     y, saved = engine.forward(x, V, U, lambda_l, s_values, lay, bias, path, keep_weight,
                               dispatch.kernels(x.device.type))
-    # A compiler plans with the fake's strides, and a data-independent fake cannot know the engine's layout choice
-    # (z^T is a transposed view for few tokens on the CPU): one b x in copy then, in compiled graphs only.
+    # A compiler plans with the fake's strides, and a fake cannot follow the engine's layout choice (z^T is a
+    # transposed view for few tokens on the CPU): one b x in copy then, in compiled graphs only.
     return y, saved.contiguous()
 
 

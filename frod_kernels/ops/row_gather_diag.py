@@ -18,7 +18,8 @@ def row_gather_diag(A: Tensor, diag: Tensor, weights: Tensor, ptr: Tensor, src: 
     source rows. Returns a new contiguous (n, m) tensor of A's dtype, accumulated in float32 (float64 for float64).
     The backend is the selected one (:func:`frod_kernels.set_backend`), or ``"auto"``'s choice.
     """
-    return dispatch.kernels(A.device.type).row_gather(A, diag, weights, ptr, src)
+    # the engine takes the torch twin's transposed result as it is; the op's contract is a contiguous tensor
+    return dispatch.kernels(A.device.type).row_gather(A, diag, weights, ptr, src).contiguous()
 
 
 @row_gather_diag.register_fake

@@ -42,7 +42,7 @@ def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return PEFT_FORWARD(self, x, *args, **kwargs)
     s_indices, packed = layout
     V = _device_copy(self.frod_V[adapter], x.device, x.dtype)
-    U = _device_copy(self.frod_U[adapter], x.device, x.dtype)
+    U = _device_copy(_column_major_u(self, adapter), x.device, x.dtype)
     # PEFT moves the trainable tensors with a differentiable .to(); a no-op when they already live on x's device
     lambda_l = self.frod_lambda_l[adapter].to(device=x.device)
     s_values = self.frod_lambda_s_values[adapter].to(device=x.device)
@@ -81,6 +81,17 @@ def _fusable_adapter(layer, x) -> Optional[str]:
     if x.dim() < 1 or x.shape[-1] != layer.in_features:
         return None
     return active[0]
+
+
+def _column_major_u(layer, adapter: str) -> torch.Tensor:
+    """The layer's U, stored column-major from its first fused call on: the same values in the same memory (the
+    row-major one is freed), so that every row the sparse steps gather from U^T is contiguous. frod_U is a
+    non-persistent buffer: no checkpoint sees it, and PEFT's own forward reads either layout."""
+    U = layer.frod_U[adapter]
+    if U.dim() == 2 and U.stride(0) != 1 and not torch.compiler.is_compiling():
+        U = U.t().contiguous().t()
+        layer.frod_U[adapter] = U
+    return U
 
 
 # Under torch.compile the cached copies and layout are graph constants: dynamo cannot trace the id/weakref/_version
