@@ -134,3 +134,15 @@ def test_gpu_table_shows_the_floors_and_the_bandwidth_is_measured():
     assert "% of floor" in table and "% of path floor" in table
     assert f"{100 * rows[0]['frac_of_floor']:.1f}%" in table
     assert copy_bandwidth(torch.device("cpu"))["bytes_per_s"] > 0
+
+
+def test_summary_bolds_the_best_path_of_each_shape(capsys):
+    assert roofline.main(["--summary", "--markdown", "--shapes", "4096x4096:16384,1024x1024:64"]) == 0
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| 4096 ×")
+            or line.startswith("| 1024 ×")]
+    assert len(rows) == 2
+    for row, (n, b) in zip(rows, [(4096, 16384), (1024, 64)]):
+        best, ms = roofline.frod_floor(b, n, n, int(n * n * 0.01), roofline.H200)
+        linear = roofline.floor_ms(roofline.linear_steps(b, n, n), roofline.H200, "bfloat16")
+        bold = [name for name, cell in zip(engine.PATH_NAMES.values(), row[1:4]) if cell.startswith("**")]
+        assert bold == [best] and row[5] == f"{ms / linear:.2f}× |"
