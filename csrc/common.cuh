@@ -115,7 +115,7 @@ template <typename T, bool kAligned> struct Slot {
   // (every slot of a row has the same).
   __host__ __device__ __forceinline__ uint4 value(int c, int m, unsigned shift) const {
     const uint4 v = kAligned ? lo : realign(lo, hi, shift);
-    return (c + 1) * kVec<T> > m ? keep_bytes(v, bytes(c, m)) : v;
+    return m - c * kVec<T> < kVec<T> ? keep_bytes(v, bytes(c, m)) : v;  // (c + 1) kVec could overflow int
   }
 
   static __host__ __device__ __forceinline__ unsigned bytes(int c, int m) {
