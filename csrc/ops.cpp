@@ -68,12 +68,18 @@ int64_t check_groups(const at::Tensor& ptr, const at::Tensor& src, int64_t n, co
   return src.size(0);
 }
 
-// The kernels read whole rows with unit stride (any row stride). A transposed operand (the engine's U^T) is
-// copied once: that costs two passes over n x m, against (n + nnz) x m gathered reads that would otherwise each
-// touch a separate 32-byte sector.
+// The kernels read whole rows with unit stride (any row stride, any alignment). The engine hands them such operands
+// (U^T included: U is stored so that its transpose has contiguous rows); a caller who passes another layout gets one
+// copy here, two passes over n x m, against (n + nnz) x m gathered reads that would otherwise each touch a separate
+// 32-byte sector.
 at::Tensor rows_contiguous(const at::Tensor& t) {
   if (t.size(1) <= 1 || t.stride(1) == 1) return t;
   return t.contiguous();
+}
+
+// The kernels index a row's elements with 32-bit integers.
+void check_row_length(int64_t m, const char* op) {
+  TORCH_CHECK_VALUE(m < (int64_t{1} << 31), op, ": rows of ", m, " elements: at most 2^31 - 1 are supported");
 }
 
 at::ScalarType acc_type(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
@@ -89,6 +95,7 @@ at::Tensor row_gather_diag_cuda(const at::Tensor& A, const at::Tensor& diag, con
   check_vector(weights, nnz, op, "weights");
   check_on(diag, A, op, "diag");
   check_on(weights, A, op, "weights");
+  check_row_length(m, op);
   const c10::cuda::CUDAGuard guard(A.device());
   at::Tensor out = at::empty({n, m}, A.options());
   if (n == 0 || m == 0) return out;
@@ -115,6 +122,7 @@ std::tuple<at::Tensor, at::Tensor> sampled_dot_diag_cuda(const at::Tensor& P, co
   const int64_t n = P.size(0), m = P.size(1);
   const int64_t nnz = check_groups(ptr, src, n, P, op);
   check_on(Q, P, op, "Q");
+  check_row_length(m, op);
   const c10::cuda::CUDAGuard guard(P.device());
   const auto acc_opts = P.options().dtype(acc_type(P));
   at::Tensor vals = at::empty({nnz}, acc_opts);

@@ -7,14 +7,34 @@
 namespace frod_cuda {
 namespace {
 
-template <typename T, int VEC>
+// The dot of this lane's kR slots of a Q row with the P slice p (kept in registers), summed in a fixed order.
+template <typename T, bool kAligned>
+__device__ __forceinline__ typename Acc<T>::type dot(const typename Acc<T>::type (&p)[kR][kVec<T>],
+                                                     const Slot<T, kAligned> (&x)[kR], unsigned shift, int c0,
+                                                     int L, int m, int slots) {
+  using acc_t = typename Acc<T>::type;
+  acc_t s[kR];
+#pragma unroll
+  for (int j = 0; j < kR; ++j) {
+    s[j] = acc_t(0);
+    const int c = c0 + j * L;
+    if (c < slots) {
+      const uint4 v = x[j].value(c, m, shift);
+#pragma unroll
+      for (int e = 0; e < kVec<T>; ++e) s[j] += p[j][e] * element<T>(v, e);
+    }
+  }
+  static_assert(kR == 4, "the pairwise sum below assumes kR == 4");
+  return (s[0] + s[1]) + (s[2] + s[3]);
+}
+
+template <typename T, bool kAligned>
 __global__ void __launch_bounds__(kThreads)
 sampled_dot_diag_kernel(const T* __restrict__ P, int64_t ldp, const T* __restrict__ Q, int64_t ldq,
                         const int64_t* __restrict__ ptr, const int64_t* __restrict__ src,
                         typename Acc<T>::type* __restrict__ vals, typename Acc<T>::type* __restrict__ diag, int64_t n,
-                        int64_t nnz, int64_t m_vec, int log_l, int64_t n_seg) {
+                        int64_t nnz, int m, int slots, int log_l, int n_seg) {
   using acc_t = typename Acc<T>::type;
-  using V = Vec<T, VEC>;
   const WarpLanes lanes(log_l);
   const int64_t r = lanes.r;
   if (r >= n) return;  // whole warps only: the shuffles below need all 32 lanes of a live warp
@@ -22,51 +42,58 @@ sampled_dot_diag_kernel(const T* __restrict__ P, int64_t ldp, const T* __restric
   const int64_t beg = ptr[r];
   // Entry 0 is the diagonal (Q row r), entry e >= 1 the nonzero beg + e - 1.
   const int64_t n_ent = ptr[r + 1] - beg + 1;
-  const V* prow = reinterpret_cast<const V*>(P + r * ldp);
+  auto q_row = [&](int64_t e) { return e == 0 ? r : src[beg + e - 1]; };
+  const T* prow = P + r * ldp;
 
-  for (int64_t seg = blockIdx.y; seg < n_seg; seg += gridDim.y) {
-    const int64_t c0 = seg * L * kR + l;
-    acc_t p[kR][VEC];
+  for (int seg = blockIdx.y; seg < n_seg; seg += gridDim.y) {
+    const int c0 = seg * L * kR + l;
+    acc_t p[kR][kVec<T>];
+    {
+      Slot<T, kAligned> x[kR];
+      load_row(x, prow, c0, L, m, slots);
 #pragma unroll
-    for (int j = 0; j < kR; ++j) {
-      const int64_t cv = c0 + static_cast<int64_t>(j) * L;
-      if (cv < m_vec) {
-        const V x = prow[cv];
+      for (int j = 0; j < kR; ++j) {
+        const int c = c0 + j * L;
+        const uint4 v = c < slots ? x[j].value(c, m, shift_of(prow)) : make_uint4(0, 0, 0, 0);
 #pragma unroll
-        for (int v = 0; v < VEC; ++v) p[j][v] = to_acc(x.v[v]);
-      } else {
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) p[j][v] = acc_t(0);
+        for (int e = 0; e < kVec<T>; ++e) p[j][e] = element<T>(v, e);
       }
     }
-    // The trip count is the same for every lane of the warp: the group reduction shuffles need all of them.
-    for (int64_t e0 = 0; e0 < n_ent; e0 += G) {
-      const int64_t e = e0 + g;
-      acc_t s[kR];
+    // Entries e0 + g, e0 + G + g, ... (kRows of them) a step: their Q rows' loads are all in flight together, and
+    // the next step's rows are looked up before this step's dots, so a row's loads never wait on its index. The trip
+    // count is the same for every lane of the warp: the group reduction shuffles need all of them.
+    int64_t q[kRows];
 #pragma unroll
-      for (int j = 0; j < kR; ++j) s[j] = acc_t(0);
-      if (e < n_ent) {
-        const int64_t q = e == 0 ? r : src[beg + e - 1];
-        const V* qrow = reinterpret_cast<const V*>(Q + q * ldq);
+    for (int i = 0; i < kRows; ++i) q[i] = g + i * G < n_ent ? q_row(g + i * G) : 0;
+    for (int64_t e0 = 0; e0 < n_ent; e0 += kRows * G) {
+      const T* rows[kRows];
+      Slot<T, kAligned> x[kRows][kR];
 #pragma unroll
-        for (int j = 0; j < kR; ++j) {
-          const int64_t cv = c0 + static_cast<int64_t>(j) * L;
-          if (cv < m_vec) {
-            const V x = qrow[cv];
-#pragma unroll
-            for (int v = 0; v < VEC; ++v) s[j] += p[j][v] * to_acc(x.v[v]);
-          }
-        }
+      for (int i = 0; i < kRows; ++i) {
+        rows[i] = Q + q[i] * ldq;
+        if (e0 + i * G + g < n_ent) load_row(x[i], rows[i], c0, L, m, slots);
       }
-      acc_t t = (s[0] + s[1]) + (s[2] + s[3]);
-      static_assert(kR == 4, "the pairwise sum above assumes kR == 4");
+#pragma unroll
+      for (int i = 0; i < kRows; ++i) {
+        const int64_t en = e0 + (kRows + i) * G + g;
+        q[i] = en < n_ent ? q_row(en) : 0;
+      }
+      acc_t t[kRows];
+#pragma unroll
+      for (int i = 0; i < kRows; ++i)
+        t[i] = e0 + i * G + g < n_ent ? dot(p, x[i], shift_of(rows[i]), c0, L, m, slots) : acc_t(0);
       // Tree over the L lanes of the group (the low lane bits), in a fixed order.
-      for (int off = 1; off < L; off <<= 1) t += __shfl_xor_sync(kFullMask, t, off);
-      if (l == 0 && e < n_ent) {
+      for (int off = 1; off < L; off <<= 1)
+#pragma unroll
+        for (int i = 0; i < kRows; ++i) t[i] += __shfl_xor_sync(kFullMask, t[i], off);
+#pragma unroll
+      for (int i = 0; i < kRows; ++i) {
+        const int64_t e = e0 + i * G + g;
+        if (l != 0 || e >= n_ent) continue;
         if (e == 0) {
-          diag[seg * n + r] = t;
+          diag[seg * n + r] = t[i];
         } else {
-          vals[seg * nnz + beg + e - 1] = t;
+          vals[seg * nnz + beg + e - 1] = t[i];
         }
       }
     }
@@ -89,14 +116,13 @@ template <typename acc_t>
 void sum_segments(const acc_t* part, acc_t* out, int64_t len, int64_t n_seg, cudaStream_t stream) {
   if (len == 0) return;
   const int64_t blocks = (len + 255) / 256;
-  sum_segments_kernel<acc_t><<<static_cast<unsigned>(blocks < 65535 ? blocks : 65535), 256, 0, stream>>>(
+  FROD_LAUNCH(static_cast<unsigned>(blocks < 65535 ? blocks : 65535), 256, stream, sum_segments_kernel<acc_t>)(
       part, out, len, n_seg);
 }
 
 template <typename T>
 Plan plan_for(const void* P, int64_t ldp, const void* Q, int64_t ldq, int64_t m) {
-  const bool vec_ok = rows_vectorizable(sizeof(T), P, ldp, m) && rows_vectorizable(sizeof(T), Q, ldq, m);
-  return make_plan(sizeof(T), vec_ok, m);
+  return make_plan(sizeof(T), rows_aligned(sizeof(T), P, ldp) && rows_aligned(sizeof(T), Q, ldq), m);
 }
 
 template <typename T>
@@ -109,7 +135,6 @@ template <typename T>
 cudaError_t launch(const void* P, int64_t ldp, const void* Q, int64_t ldq, const int64_t* ptr, const int64_t* src,
                    void* vals, void* diag, void* ws, int64_t n, int64_t nnz, int64_t m, cudaStream_t stream) {
   using acc_t = typename Acc<T>::type;
-  constexpr int kVec = 16 / sizeof(T);
   Plan p = plan_for<T>(P, ldp, Q, ldq, m);
   // m == 0 (no tokens) still runs one segment so that every output is written (as zero).
   if (p.n_seg == 0) p.n_seg = 1;
@@ -124,12 +149,14 @@ cudaError_t launch(const void* P, int64_t ldp, const void* Q, int64_t ldq, const
   const dim3 grid = grid_for(n, p.n_seg);
   const auto* pp = static_cast<const T*>(P);
   const auto* qq = static_cast<const T*>(Q);
-  if (p.vec == kVec) {
-    sampled_dot_diag_kernel<T, kVec><<<grid, kThreads, 0, stream>>>(pp, ldp, qq, ldq, ptr, src, v_part, d_part, n,
-                                                                    nnz, p.m_vec, p.log_l, p.n_seg);
+  if (p.aligned) {
+    FROD_LAUNCH(grid, kThreads, stream, sampled_dot_diag_kernel<T, true>)(pp, ldp, qq, ldq, ptr, src, v_part, d_part,
+                                                                          n, nnz, static_cast<int>(m), p.slots,
+                                                                          p.log_l, p.n_seg);
   } else {
-    sampled_dot_diag_kernel<T, 1><<<grid, kThreads, 0, stream>>>(pp, ldp, qq, ldq, ptr, src, v_part, d_part, n, nnz,
-                                                                 p.m_vec, p.log_l, p.n_seg);
+    FROD_LAUNCH(grid, kThreads, stream, sampled_dot_diag_kernel<T, false>)(pp, ldp, qq, ldq, ptr, src, v_part,
+                                                                           d_part, n, nnz, static_cast<int>(m),
+                                                                           p.slots, p.log_l, p.n_seg);
   }
   if (p.n_seg > 1) {
     sum_segments<acc_t>(v_part, v_out, nnz, p.n_seg, stream);
@@ -155,6 +182,7 @@ cudaError_t launch_sampled_dot_diag(DType dtype, const void* P, int64_t ldp, con
                                     const int64_t* ptr, const int64_t* src, void* vals, void* diag, void* workspace,
                                     int64_t n, int64_t nnz, int64_t m, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;  // then nnz == 0 too: nothing to write
+  if (m >= kMaxRowLength) return cudaErrorInvalidValue;
   switch (dtype) {
     case DType::kFloat16:
       return launch<__half>(P, ldp, Q, ldq, ptr, src, vals, diag, workspace, n, nnz, m, stream);
