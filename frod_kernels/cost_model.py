@@ -7,11 +7,12 @@ from .engine import FACTORED, MATERIALIZED, SPARSE
 
 # Cost of one multiply-add of a sparse step, in multiply-adds of a large dense GEMM on the same device. Measured
 # with the torch backend: CPU (MKL CSR SpMM/SDDMM vs sgemm, 2 cores) about 12-20. GPU: from the roofline
-# (frod_kernels.roofline), the kernel families run at about 21 FLOP/byte in bf16 against an H200's balance of
-# about 184 (790 TFLOP/s over 4.3 TB/s), so about 9 at best; with it the cost model picks the roofline's best
-# path for the README's shapes. On a GPU "auto" measures the paths anyway (frod_kernels.autotune); this is the
-# choice where it does not.
-SPARSE_COST = {"cpu": 16.0, "cuda": 8.0}
+# (frod_kernels.roofline), a sparse multiply-add loads one element of a gathered row through L2, e / l2_bw seconds,
+# against 2 / peak for a GEMM's: e * peak / (2 * l2_bw) = 2 * 790e12 / (2 * 5.5e12) = 144 for bf16 on an H200
+# (float32 without TF32: about 24; bf16 is what GPU training runs). With it the cost model picks the roofline's
+# best path at all 91 points of a sweep over 7 shapes and 1-32,768 tokens. On a GPU "auto" measures the paths
+# anyway (frod_kernels.autotune); this is the choice where it does not.
+SPARSE_COST = {"cpu": 16.0, "cuda": 144.0}
 
 # Keep W' between forward and backward (out x in per layer) instead of rebuilding it, only where memory is
 # plentiful and compute is scarce. On a GPU the rebuild costs in/b of a GEMM and keeps peak memory at LoRA's.
