@@ -18,8 +18,9 @@ import frod_kernels as fk
 from frod_kernels import engine
 from frod_kernels.reference import TOLERANCE, TOLERANCE_TF32, reference_grads, rel_err
 
-from .common import Sizes, dtype_name
-from .layer import runnable_backends, selected_backend
+from .common import dtype_name
+from .layer import runnable_backends
+from .sizes import Sizes
 
 TENSORS = ("y", "dx", "dlambda_l", "ds_values", "dbias")
 PATHS = tuple(engine.PATH_NAMES[p] for p in sorted(engine.PATH_NAMES))
@@ -43,7 +44,7 @@ def backend_candidates(device: torch.device) -> list[tuple[str, Candidate]]:
     """``("<backend>/<path>", fn)`` for each backend that can run on ``device`` and each engine path."""
     def make(backend, path):
         def fn(x, V, U, lambda_l, s_values, s_indices, bias):
-            with selected_backend(backend):
+            with fk.use_backend(backend):
                 return fk.frod_linear(x, V, U, lambda_l, s_values, s_indices, bias, path=path)
         fn.backend = backend
         return fn
@@ -79,14 +80,15 @@ def random_problem(n_in: int, n_out: int, tokens: int, dtype: torch.dtype, devic
             s.to(device, param_dtype), s_indices.to(device), bias.to(device, dtype))
 
 
-def tolerance(dtype: torch.dtype, device: torch.device, candidate: Candidate) -> float:
+def tolerance(dtype: torch.dtype, device: torch.device, backend: Optional[str]) -> float:
+    """The allowed relative error of ``backend``'s result (None: not one backend's) against float64."""
     # Triton's float32 dot is tf32 by default; DESIGN.md section 5 allows 1e-3 for it.
-    if dtype == torch.float32 and device.type == "cuda" and getattr(candidate, "backend", None) != "torch":
+    if dtype == torch.float32 and device.type == "cuda" and backend != "torch":
         return TOLERANCE_TF32
     return TOLERANCE[dtype]
 
 
-def run(sizes: Sizes, device: torch.device, tick: Callable[[str], None],
+def run(sizes: Sizes, device: torch.device, progress,
         candidates: Optional[list[tuple[str, Candidate]]] = None) -> list[dict]:
     """One row per (candidate, shape, tokens) with each tensor's relative error; raises CheckFailed at the end if
     any tensor of any candidate is outside tolerance (or a candidate raised)."""
@@ -100,8 +102,8 @@ def run(sizes: Sizes, device: torch.device, tick: Callable[[str], None],
             g = torch.randn(tokens, n_out, generator=torch.Generator().manual_seed(seed + 1)).to(device, dtype)
             ref = reference_grads(x, V, U, lam, s, idx, bias, g)
             for name, fn in candidates:
-                tick(f"check {n_in}x{n_out} b={tokens} {name}")
-                tol = tolerance(dtype, device, fn)
+                progress.start(f"check {n_in}x{n_out} b={tokens} {name}")
+                tol = tolerance(dtype, device, getattr(fn, "backend", None))
                 row = {"suite": "check", "candidate": name, "n_in": n_in, "n_out": n_out, "tokens": tokens,
                        "dtype": dtype_name(dtype), "seed": seed, "tolerance": tol}
                 try:
@@ -118,6 +120,7 @@ def run(sizes: Sizes, device: torch.device, tick: Callable[[str], None],
                     row["error"] = f"{type(e).__name__}: {e}"
                     failures.append(dict(row))
                 rows.append(row)
+                progress.done(row)
     if failures:
         raise CheckFailed(failures, rows)
     return rows
