@@ -171,14 +171,16 @@ def test_gpu_check_dry_run(tmp_path):
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     steps = dict(line.split("\t")[:2] for line in (tmp_path / "steps.tsv").read_text().splitlines())
-    assert steps == {"install-peft": "skipped (dry run)", "build": "skipped (dry run)", "tests": "0", "init-8b": "0",
-                     "bench": "0"}
+    assert steps == {"install-peft": "skipped (dry run)", "build": "skipped (dry run)", "tests": "0", "host": "0",
+                     "init-8b": "0", "bench": "0"}
     init = json.loads((tmp_path / "init-8b-gpu.json").read_text())
     [row] = init["suites"]["init"]
     assert row["key"] == "frod_kernels" and row["median_ms"] > 0 and row["peak_extra_bytes"] > 0
     assert "rel_diff_V" not in row  # one method: nothing to compare with
+    host = json.loads((tmp_path / "host" / "results.json").read_text())
+    assert set(host["suites"]) == {"overhead", "kernels"}
     res = json.loads((tmp_path / "results.json").read_text())
-    assert set(res["suites"]) == {"check", "overhead", "kernels", "layer", "train", "init"}
+    assert set(res["suites"]) == {"check", "layer", "train", "init"}
     assert all(r["ok"] for r in res["suites"]["check"])
     # The short tables come last.
     tail = proc.stdout.split("== steps")[-1]
