@@ -135,6 +135,8 @@ def test_cli_writes_results_plots_and_summary(tmp_path, capsys):
     for name in ("layer_96x80_float32.png", "train.png", "init.png"):
         png = (tmp_path / name).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    # wide enough for the method names and the title (it was 660 px, the title clipped)
+    assert int.from_bytes((tmp_path / "init.png").read_bytes()[16:20], "big") >= 1000
     assert "== layer ==" in out and "PEFT FRoD" in out
     # each row is printed as it finishes, before its suite's table
     first_row = out.index("layer 96->80 b=1 float32 frod_linear [torch]: ")
