@@ -1,5 +1,5 @@
 """frod-bench's overhead and kernels suites, its timing and counting helpers, the init command line, and the
-command-line details (--markdown, --version). Tiny sizes; speed is never asserted here."""
+command-line details (--markdown, --version, the cache listing). Tiny sizes; speed is never asserted here."""
 
 import json
 import time
@@ -145,3 +145,18 @@ def test_init_command_line_runs_each_method_in_its_own_process(tmp_path):
         assert r["median_ms"] > 0 and r["peak_extra_bytes"] > 0 and r["reconstruction_max_rel"] <= 1e-5
     assert cached["bitwise_same_as_first"] is True and cached["first_setup_ms"] > 0 and cached["cache_bytes"] > 0
 
+
+def test_cache_list_shows_whole_file_names(tmp_path, capsys):
+    from frod_kernels.cache import entries
+    from frod_kernels.cache.__main__ import main as cache_main
+    from frod_kernels.projections import build_projections
+
+    cache = tmp_path / "cache"
+    build_projections({f"model.layers.{i}.self_attn.q_proj": torch.randn(16, 16) for i in range(2)},
+                      cache=cache, progressbar=False)
+    assert cache_main(["--dir", str(cache), "list"]) == 0
+    out = capsys.readouterr().out
+    names = [r["file"] for r in entries(cache)]
+    assert names and all(len(n) > 60 for n in names)
+    for name in names:
+        assert name in out.split()  # whole, a word of its own: it can be copied
