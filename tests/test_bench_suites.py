@@ -160,3 +160,22 @@ def test_cache_list_shows_whole_file_names(tmp_path, capsys):
     assert names and all(len(n) > 60 for n in names)
     for name in names:
         assert name in out.split()  # whole, a word of its own: it can be copied
+
+
+def test_overhead_suite_reports_a_failing_method_and_times_the_others(monkeypatch):
+    build = overhead._steps
+
+    def with_a_broken_method(device):
+        steps, before, cleanup = build(device)
+
+        def broken():
+            raise RuntimeError("deliberately broken")
+
+        steps[overhead.FROD_LINEAR] = broken
+        return steps, before, cleanup
+
+    monkeypatch.setattr(overhead, "_steps", with_a_broken_method)
+    rows = {r["method"]: r for r in overhead.run(TINY, CPU, Quiet())}
+    assert "deliberately broken" in rows[overhead.FROD_LINEAR]["error"]
+    assert "median_ms" not in rows[overhead.FROD_LINEAR]
+    assert all(r["median_ms"] > 0 for m, r in rows.items() if m != overhead.FROD_LINEAR)

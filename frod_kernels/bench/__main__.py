@@ -167,7 +167,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from . import check, init, kernels, layer, overhead, report, train
     from .. import roofline
-    from .common import copy_bandwidth, dtype_name, environment, matmul_peak_tflops, rss_high_water_mark_bytes
+    from .common import copy_bandwidth, dtype_name, environment, matmul_peak_tflops, process_memory_bytes
     from .progress import Printer
 
     modules = {"check": check, "overhead": overhead, "kernels": kernels, "layer": layer, "train": train,
@@ -209,7 +209,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 _save(results, args.out)
     finally:
         progress.close()
-    results["environment"]["rss_high_water_mark_bytes"] = rss_high_water_mark_bytes()
+    results["environment"]["rss_high_water_mark_bytes"] = process_memory_bytes("VmHWM")
     from ..autotune import explain
 
     results["autotune"] = explain()  # what "auto" ran in every suite, and why

@@ -215,11 +215,13 @@ def _version(module: str) -> Optional[str]:
         return None
 
 
-def rss_high_water_mark_bytes() -> Optional[int]:
+def process_memory_bytes(field: str = "VmHWM") -> Optional[int]:
+    """A memory field of this process from /proc/self/status (VmHWM: the RSS high-water mark; VmRSS), or None
+    where there is no /proc."""
     try:
         with open("/proc/self/status", encoding="utf-8") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass

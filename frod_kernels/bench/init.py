@@ -30,7 +30,6 @@ from __future__ import annotations
 import copy
 import gc
 import os
-import time
 
 import torch
 from torch import nn
@@ -38,7 +37,7 @@ from torch import nn
 from frod_kernels.reference import eigenbasis_error, reference_frod_eigenproblem, rel_err
 
 from . import peft_models
-from .common import Quiet, dtype_name, summarize, synchronize
+from .common import Quiet, dtype_name, host_ms, measure_interleaved, process_memory_bytes, synchronize
 from .sizes import Sizes
 
 METHODS = ("peft", "peft_enabled", "peft_enabled_cached", "frod_kernels", "frod_kernels_fast", "frod_kernels_cached")
@@ -110,17 +109,6 @@ def _setup(method: str, route: str, sparse_rate: float, seed: int, cache):
     return fk_setup, False
 
 
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
 def _reset_peak_rss() -> bool:
     try:
         with open("/proc/self/clear_refs", "w", encoding="utf-8") as f:  # "5": VmHWM back to VmRSS (Linux >= 4.0)
@@ -136,37 +124,45 @@ def measure(method: str, route: str, model: nn.Module, repeats: int, sparse_rate
     """Time ``repeats`` setups by ``method`` on ``route`` in this process: (row fields, the last setup's tensors,
     the cache-filling setup's tensors on the CPU or None). A cached method reads ``cache_dir``, filled first here
     when ``fill_cache``. ``own_process``: this process runs nothing else, so the rise of its RSS high-water mark
-    is the setup's peak memory."""
+    over the setups is their peak memory."""
     setup, needs_copy = _setup(method, route, sparse_rate, seed, cache_dir if method in CACHED else False)
     on_gpu = torch.device(route).type == "cuda"
-    row, first = {}, None
+    row, state = {}, {"setups": 0}
+
+    def synchronized_ms(fn, device: torch.device) -> float:
+        return host_ms(lambda: (fn(), synchronize(device)), device)
+
+    def prepare() -> None:  # untimed: the last result freed, a fresh model for PEFT to wrap
+        setups = state["setups"]
+        state.clear()
+        gc.collect()
+        # a worker's model is its own: its first setup wraps it in place, as a user's would, with no copy in the
+        # peak memory
+        fresh = needs_copy and (setups > 0 or not own_process)
+        state.update(setups=setups + 1, model=copy.deepcopy(model) if fresh else model)
+
+    def run() -> None:
+        state["tensors"] = setup(state["model"])
+
+    first = None
     if method in CACHED and fill_cache:
-        t0 = time.perf_counter()
-        first = to_cpu(setup(copy.deepcopy(model) if needs_copy else model))
-        row["first_setup_ms"] = (time.perf_counter() - t0) * 1e3
+        prepare()
+        row["first_setup_ms"] = synchronized_ms(run, torch.device(route))
+        first = to_cpu(state["tensors"])
     # other load slows multi-threaded LAPACK badly (its barriers wait for a core): says how far to trust a time
     row["load_avg_before"] = os.getloadavg()[0]
-    rss0, reset = _status_kib("VmRSS"), own_process and _reset_peak_rss()
+    rss0, reset = process_memory_bytes("VmRSS"), own_process and _reset_peak_rss()
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
-    times, tensors = [], None
-    for _ in range(repeats):
-        tensors = None
-        gc.collect()
-        arg = copy.deepcopy(model) if needs_copy else model
-        synchronize(torch.device(route))
-        t0 = time.perf_counter()
-        tensors = setup(arg)
-        synchronize(torch.device(route))
-        times.append((time.perf_counter() - t0) * 1e3)
-    row.update(summarize(times), threads=torch.get_num_threads())
+    stats = measure_interleaved({method: run}, torch.device(route), repeats, 0, synchronized_ms, {method: prepare})
+    row.update(stats[method], threads=torch.get_num_threads())
     if reset and rss0 is not None:
-        row["peak_extra_bytes"] = (_status_kib("VmHWM") - rss0) * 1024
+        row["peak_extra_bytes"] = process_memory_bytes("VmHWM") - rss0
     if on_gpu:
         row["gpu_peak_bytes"] = torch.cuda.max_memory_allocated()
     if method in CACHED and cache_dir:
         row["cache_bytes"] = sum(e.stat().st_size for e in os.scandir(cache_dir) if e.is_file())
-    return row, tensors, first
+    return row, state["tensors"], first
 
 
 def to_cpu(tensors: dict) -> dict:

@@ -119,37 +119,48 @@ def run(sizes: Sizes, device: torch.device, progress) -> list[dict]:
     rows = {m: {"suite": "overhead", "method": m, "n_in": N_IN, "n_out": N_OUT, "tokens": TOKENS,
                 "dtype": "float32", "threads": 1} for m in METHODS}
     with one_thread():
-        steps, before, cleanup = _steps(device)
+        try:
+            steps, before, cleanup = _steps(device)
+        except Exception as e:  # reported in every row; the other suites still run
+            for row in rows.values():
+                row["error"] = f"{type(e).__name__}: {e}"
+                progress.done(row)
+            return list(rows.values())
         try:
             for m in METHODS:
                 progress.start(f"overhead {m}: launch count")
-                before.get(m, _then())()
-                steps[m]()  # one-time work (layouts, caches, auto's tuning) is not a call's launches
-                rows[m].update(count_ops(steps[m], device))
+                try:
+                    before.get(m, _then())()
+                    steps[m]()  # one-time work (layouts, caches, auto's tuning) is not a call's launches
+                    rows[m].update(count_ops(steps[m], device))
+                except Exception as e:  # reported in its row; the other methods are still timed
+                    rows[m]["error"] = f"{type(e).__name__}: {e}"
+                    del steps[m]
             progress.start("overhead: host time, methods interleaved")
-            warmup, repeats = max(sizes.warmup, 10), sizes.overhead_repeats
-            if device.type == "cuda":
-                sync = lambda: synchronize(device)  # noqa: E731
-                host = measure_interleaved(steps, device, repeats, warmup, host_ms,
-                                           {m: _then(before.get(m), sync) for m in steps})
-                # the spin must outlast the host's enqueue of the slowest method, or the events see the host again
-                spin = busy_gpu(device, int(SPIN_CYCLES_PER_MS * (1 + 2 * max(h["q3_ms"] for h in host.values()))))
-                gpu = measure_interleaved(steps, device, repeats, warmup,
-                                          before={m: _then(before.get(m), spin) for m in steps})
-            else:
-                host = measure_interleaved(steps, device, repeats, warmup, host_ms, before)
-                gpu, spin = {}, None
+            host, gpu, spin = _time(steps, before, device, max(sizes.warmup, 10), sizes.overhead_repeats)
         finally:
             cleanup()
-    for m, row in rows.items():
-        row.update(host[m], host_timer="host enqueue, no sync" if device.type == "cuda" else "wall clock")
+    for m in steps:
+        rows[m].update(host[m], host_timer="host enqueue, no sync" if device.type == "cuda" else "wall clock")
         if gpu:
-            row["gpu"] = dict(gpu[m], timer="CUDA events" + (", GPU busy ahead of each call" if spin else
-                                                             ", GPU waits for the host (no spin kernel)"))
+            rows[m]["gpu"] = dict(gpu[m], timer="CUDA events" + (", GPU busy ahead of each call" if spin else
+                                                                 ", GPU waits for the host (no spin kernel)"))
     _derive(list(rows.values()))
     for row in rows.values():
         progress.done(row)
     return list(rows.values())
+
+
+def _time(steps: dict, before: dict, device: torch.device, warmup: int, repeats: int):
+    """(host times, GPU times or {}, the spin hook or None) of every method, interleaved."""
+    if device.type != "cuda":
+        return measure_interleaved(steps, device, repeats, warmup, host_ms, before), {}, None
+    sync = lambda: synchronize(device)  # noqa: E731
+    host = measure_interleaved(steps, device, repeats, warmup, host_ms, {m: _then(before.get(m), sync) for m in steps})
+    # the spin must outlast the host's enqueue of the slowest method, or the events see the host again
+    spin = busy_gpu(device, int(SPIN_CYCLES_PER_MS * (1 + 2 * max(h["q3_ms"] for h in host.values()))))
+    gpu = measure_interleaved(steps, device, repeats, warmup, before={m: _then(before.get(m), spin) for m in steps})
+    return host, gpu, spin
 
 
 def _derive(rows: list[dict]) -> None:
@@ -157,8 +168,8 @@ def _derive(rows: list[dict]) -> None:
     ref = {r["method"]: r for r in rows}
     for r in rows:
         for key, stats in (("", r), ("gpu_", r.get("gpu"))):
-            if not stats:
+            if not stats or stats.get("median_ms") is None:
                 continue
             for name, other in (("lora", LORA), ("linear", LINEAR)):
-                o = ref[other].get("gpu") if key else ref[other]
-                r[f"{key}time_vs_{name}"] = stats["median_ms"] / o["median_ms"] if o else None
+                o = (ref[other].get("gpu") if key else ref[other]) or {}
+                r[f"{key}time_vs_{name}"] = stats["median_ms"] / o["median_ms"] if o.get("median_ms") else None
