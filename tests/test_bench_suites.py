@@ -85,11 +85,11 @@ def test_kernels_suite_checks_each_op_against_float64():
 
 
 def test_kernels_compulsory_bytes():
-    # row gather, in=10, m=6, 7 nonzeros, float32: A read and out written (2*10*6*4), diag (10*4), weights (7*4),
-    # ptr (11*8), src (7*8)
-    assert kernels.compulsory_bytes("row_gather_diag", 10, 6, 7, torch.float32) == 480 + 40 + 28 + 88 + 56
-    # sampled dot, bf16: P and Q read (2*10*6*2), vals (7*4) and diag (10*4) written, ptr and src
-    assert kernels.compulsory_bytes("sampled_dot_diag", 10, 6, 7, torch.bfloat16) == 240 + 28 + 40 + 88 + 56
+    # in=10, m=6, 7 nonzeros, float32: A read and out written (2*10*6*4), diag (10*4), weights (7*4), ptr (11*8),
+    # src (7*8)
+    assert kernels.compulsory_bytes(10, 6, 7, torch.float32) == 480 + 40 + 28 + 88 + 56
+    # bf16 (the sampled dot: P and Q read, 2*10*6*2; vals and diag written, float32)
+    assert kernels.compulsory_bytes(10, 6, 7, torch.bfloat16) == 240 + 28 + 40 + 88 + 56
 
 
 def _off_by_a_bit(A, diag, weights, ptr, src):

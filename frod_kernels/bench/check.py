@@ -56,6 +56,14 @@ def n_steps(sizes: Sizes, device: torch.device, candidates=None) -> int:
     return len(sizes.layer_shapes) * len(sizes.check_tokens) * n
 
 
+def random_pattern(n: int, sparse_rate: float, gen: torch.Generator) -> torch.Tensor:
+    """A (2, nnz) pattern of PEFT's kind: distinct off-diagonal positions of an n x n S, unsorted, PEFT's count."""
+    nnz = max(1, min(int(n * n * sparse_rate), n * (n - 1)))
+    off = torch.randperm(n * (n - 1), generator=gen)[:nnz]
+    rows, cols = off // (n - 1), off % (n - 1)
+    return torch.stack([rows, cols + (cols >= rows).long()])  # skip the diagonal
+
+
 def random_problem(n_in: int, n_out: int, tokens: int, dtype: torch.dtype, device: torch.device,
                    seed: int, sparse_rate: float = 0.01):
     """Fresh random FRoD inputs, never zeros, O(1) outputs: x, V, U, lambda_l, s_values, s_indices, bias.
@@ -69,11 +77,8 @@ def random_problem(n_in: int, n_out: int, tokens: int, dtype: torch.dtype, devic
     U = U / U.norm(dim=0, keepdim=True)
     x = torch.randn(tokens, n_in, generator=gen)
     lam = 0.5 + torch.rand(n_in, generator=gen)
-    nnz = max(1, min(int(n_in * n_in * sparse_rate), n_in * (n_in - 1)))
-    off = torch.randperm(n_in * (n_in - 1), generator=gen)[:nnz]
-    rows, cols = off // (n_in - 1), off % (n_in - 1)
-    s_indices = torch.stack([rows, cols + (cols >= rows).long()])
-    s = 0.3 * torch.randn(nnz, generator=gen)
+    s_indices = random_pattern(n_in, sparse_rate, gen)
+    s = 0.3 * torch.randn(s_indices.shape[1], generator=gen)
     bias = torch.randn(n_out, generator=gen)
     param_dtype = torch.float32 if dtype != torch.float64 else dtype  # PEFT keeps lambda/s in float32
     return (x.to(device, dtype), V.to(device, dtype), U.to(device, dtype), lam.to(device, param_dtype),

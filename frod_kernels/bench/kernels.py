@@ -25,7 +25,7 @@ import frod_kernels as fk
 from frod_kernels.layout import build_layout
 from frod_kernels.reference import reference_row_gather_diag, reference_sampled_dot_diag, rel_err
 
-from .check import tolerance
+from .check import random_pattern, tolerance
 from .common import busy_gpu, dtype_name, measure_interleaved
 from .layer import backend_plan
 from .sizes import U_T, Sizes
@@ -47,11 +47,9 @@ def _problem(n: int, m: int, layout: str, dtype: torch.dtype, device: torch.devi
     """Random operands of one case, never zeros: the layout, a dense operand per the case's layout, a second
     rows-contiguous one, and float32 diag and weights (as lambda_l and s_values are)."""
     gen = torch.Generator().manual_seed(seed)
-    nnz = max(1, min(int(n * n * DENSITY), n * (n - 1)))
-    off = torch.randperm(n * (n - 1), generator=gen)[:nnz]
-    rows, cols = off // (n - 1), off % (n - 1)
-    s_indices = torch.stack([rows, cols + (cols >= rows).long()]).to(device)
-    lay = build_layout(s_indices, n)
+    s_indices = random_pattern(n, DENSITY, gen)
+    nnz = s_indices.shape[1]
+    lay = build_layout(s_indices.to(device), n)
     # U^T: the transposed view of a row-major (m x n) U, one element per row apart
     first = (torch.randn(m, n, generator=gen).t() if layout == U_T else torch.randn(n, m, generator=gen))
     return {"nnz": nnz, "ptr": lay.row_ptr, "src": lay.row_src, "A": first.to(device, dtype),
@@ -60,14 +58,11 @@ def _problem(n: int, m: int, layout: str, dtype: torch.dtype, device: torch.devi
             "weights": (0.3 * torch.randn(nnz, generator=gen)).to(device)}
 
 
-def compulsory_bytes(op: str, n: int, m: int, nnz: int, dtype: torch.dtype) -> int:
-    """Bytes an op must move at the least: its dense operands read once, its results written once, the group
-    offsets (int64) and the sources (int64); float32 diag, weights and results of the sampled dot."""
-    e = torch.empty(0, dtype=dtype).element_size()
-    index = 8 * (n + 1) + 8 * nnz
-    if op == "row_gather_diag":
-        return 2 * n * m * e + 4 * n + 4 * nnz + index
-    return 2 * n * m * e + 4 * nnz + 4 * n + index
+def compulsory_bytes(n: int, m: int, nnz: int, dtype: torch.dtype) -> int:
+    """Bytes either op must move at the least, the same count for both: two (n x m) operands of ``dtype`` (the row
+    gather reads A and writes its result, the sampled dot reads P and Q), n and nnz float32 values (diag and
+    weights read, or diag and vals written), and the int64 group offsets (n + 1) and sources (nnz) read once."""
+    return 2 * n * m * torch.empty(0, dtype=dtype).element_size() + 4 * (n + nnz) + 8 * (n + 1 + nnz)
 
 
 def _call(op: str, p: dict):
@@ -102,7 +97,7 @@ def run(sizes: Sizes, device: torch.device, progress, copy_bytes_per_s: float | 
             progress.start(f"kernels {op} in={n} m={m} {layout}")
             base = {"suite": "kernels", "op": op, "n": n, "m": m, "nnz": p["nnz"], "layout": layout,
                     "dtype": dtype_name(sizes.dtype), "seed": seed,
-                    "bytes": compulsory_bytes(op, n, m, p["nnz"], sizes.dtype)}
+                    "bytes": compulsory_bytes(n, m, p["nnz"], sizes.dtype)}
             group = {b: dict(base, backend=b) for b in plan}
             ref = _reference(op, p)
             fns = {}
