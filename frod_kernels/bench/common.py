@@ -80,7 +80,7 @@ def host_ms(fn: Callable[[], object], device: torch.device) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def busy_gpu(device: torch.device, cycles: int) -> Callable[[], None]:
+def busy_gpu(device: torch.device, cycles: int) -> Optional[Callable[[], None]]:
     """A ``before`` hook that queues a spin of ``cycles`` GPU clock cycles ahead of each timed call, so the host
     enqueues the call while the GPU still spins and the CUDA events around the call measure the device's own time,
     not its wait for the host. None where torch lacks the spin kernel (then the events include that wait)."""
