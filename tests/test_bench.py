@@ -1,5 +1,6 @@
 """frod-bench: the check suite catches a wrong backend, the CLI writes readable results, and bench/gpu_check.sh
-dry-runs on the CPU. Tiny sizes only; speed is measured by frod-bench, never asserted here."""
+dry-runs on the CPU. Tiny sizes only; speed is measured by frod-bench, never asserted here. The overhead and
+kernels suites and the command-line details: tests/test_bench_suites.py."""
 
 import contextlib
 import json
@@ -7,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,7 +16,8 @@ import frod_kernels as fk
 from frod_kernels import registry
 from frod_kernels.bench import check
 from frod_kernels.bench.__main__ import main
-from frod_kernels.bench.common import PRESETS, measure_peak_memory
+from frod_kernels.bench.common import Quiet, measure_peak_memory
+from frod_kernels.bench.sizes import PRESETS
 from frod_kernels.reference import TOLERANCE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,12 +25,8 @@ TINY = PRESETS["tiny"]
 CPU = torch.device("cpu")
 
 
-def _no_progress(label):
-    pass
-
-
 def test_check_passes_every_backend_and_path_on_cpu():
-    rows = check.run(TINY, CPU, _no_progress)
+    rows = check.run(TINY, CPU, Quiet())
     # Triton joins under TRITON_INTERPRET=1 (tests/test_triton.py sets it for the session).
     assert {f"torch/{p}" for p in check.PATHS} <= {r["candidate"] for r in rows}
     for r in rows:
@@ -49,7 +48,7 @@ def _wrong_ds(x, V, U, lambda_l, s_values, s_indices, bias):
 def test_check_fails_on_a_wrong_candidate(fn, tensor):
     good = ("torch/factored", check.backend_candidates(CPU)[1][1])
     with pytest.raises(check.CheckFailed) as info:
-        check.run(TINY, CPU, _no_progress, candidates=[good, ("deliberately-wrong", fn)])
+        check.run(TINY, CPU, Quiet(), candidates=[good, ("deliberately-wrong", fn)])
     failing = {(f["candidate"], f["tensor"]) for f in info.value.failures}
     assert ("deliberately-wrong", tensor) in failing
     assert all(name == "deliberately-wrong" for name, _ in failing)
@@ -101,7 +100,10 @@ def test_cli_writes_results_plots_and_summary(tmp_path, capsys):
     assert len(layer) == len(methods) * len(TINY.layer_tokens)
     for r in layer:
         assert "error" not in r, r
-        assert 0 < r["q1_ms"] <= r["median_ms"] <= r["q3_ms"] and r["repeats"] == 2
+        assert r["repeats"] == len(r["samples_ms"]) == 2 and min(r["samples_ms"]) > 0
+        # the statistics are those of the recorded samples (numpy's interpolation, not the suite's code)
+        q1, median, q3 = np.percentile(r["samples_ms"], [25, 50, 75])
+        assert (r["q1_ms"], r["median_ms"], r["q3_ms"]) == pytest.approx((q1, median, q3))
         assert r["peak_mem_bytes"] > 0
         assert r["tokens_per_s"] == pytest.approx(r["tokens"] / (r["median_ms"] * 1e-3))
     peft = [r for r in layer if r["method"] == "PEFT FRoD"]
@@ -122,20 +124,26 @@ def test_cli_writes_results_plots_and_summary(tmp_path, capsys):
         assert r.get("median_ms", 0) > 0 and r["same_pattern"], r
         assert max(r[k] for k in ("rel_diff_V", "rel_diff_U", "rel_diff_lambda_l")) <= 1e-6, r
     # The fast route's V is not PEFT's tensor (tests/test_fast_projections.py holds it to a float64 reference);
-    # its row must still time it and keep the pattern.
+    # its row must still time it, keep the pattern and rebuild the weights.
     fast = init["frod_kernels build_projections (cpu, fast)"]
-    assert fast["median_ms"] > 0 and fast["same_pattern"], fast
-    # A second setup from the projection cache: bitwise the first (uncached) setup's tensors.
+    assert fast["median_ms"] > 0 and fast["same_pattern"] and fast["reconstruction_max_rel"] <= 1e-5, fast
+    # A second setup from the projection cache: bitwise the first (cache-filling) setup's tensors, and PEFT's.
     for name in ("PEFT get_peft_model + frod_kernels.peft.enable(), cached",
                  "frod_kernels build_projections (cpu, cached)"):
         r = init[name]
-        assert r.get("median_ms", 0) > 0 and r["bitwise_same_as_uncached"] is True and r["same_pattern"], r
-    assert "bitwise_same_as_uncached" not in init["frod_kernels build_projections (cpu)"]
+        assert r.get("median_ms", 0) > 0 and r["bitwise_same_as_first"] is True and r["same_pattern"], r
+        assert r["V_bitwise"] and r["U_bitwise"] and r["cache_bytes"] > 0 and r["first_setup_ms"] > 0, r
+    assert "bitwise_same_as_first" not in init["frod_kernels build_projections (cpu)"]
 
     for name in ("layer_96x80_float32.png", "train.png", "init.png"):
         png = (tmp_path / name).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    # wide enough for the method names and the title (it was 660 px, the title clipped)
+    assert int.from_bytes((tmp_path / "init.png").read_bytes()[16:20], "big") >= 1000
     assert "== layer ==" in out and "PEFT FRoD" in out
+    # each row is printed as it finishes, before its suite's table
+    first_row = out.index("layer 96->80 b=1 float32 frod_linear [torch]: ")
+    assert first_row < out.index("speedup vs PEFT FRoD") and "init PEFT get_peft_model(FrodConfig): " in out
 
     assert main(["--summarize", str(tmp_path / "results.json")]) == 0
     assert "layer 96->80, 33 tokens" in capsys.readouterr().out
@@ -165,18 +173,23 @@ def test_cpu_peak_memory_counts_a_known_allocation():
 def test_gpu_check_dry_run(tmp_path):
     env = dict(os.environ, GPU_CHECK_DRY_RUN="1", OUT=str(tmp_path), PYTHON=sys.executable)
     proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_check.sh")], env=env, capture_output=True,
-                          text=True, timeout=150)
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     steps = dict(line.split("\t")[:2] for line in (tmp_path / "steps.tsv").read_text().splitlines())
-    assert steps == {"install-peft": "skipped (dry run)", "build": "skipped (dry run)", "tests": "0", "init-8b": "0",
-                     "bench": "0"}
+    assert steps == {"install-peft": "skipped (dry run)", "build": "skipped (dry run)", "tests": "0", "host": "0",
+                     "init-8b": "0", "bench": "0"}
     init = json.loads((tmp_path / "init-8b-gpu.json").read_text())
-    assert init["results"]["frod_kernels"]["seconds"] > 0 and init["parity"] == {}
+    [row] = init["suites"]["init"]
+    assert row["key"] == "frod_kernels" and row["median_ms"] > 0 and row["peak_extra_bytes"] > 0
+    assert "rel_diff_V" not in row  # one method: nothing to compare with
+    host = json.loads((tmp_path / "host" / "results.json").read_text())
+    assert set(host["suites"]) == {"overhead", "kernels"}
     res = json.loads((tmp_path / "results.json").read_text())
     assert set(res["suites"]) == {"check", "layer", "train", "init"}
     assert all(r["ok"] for r in res["suites"]["check"])
-    # The short table comes last.
-    assert "check: all passed" in proc.stdout.split("== steps")[-1]
+    # The short tables come last.
+    tail = proc.stdout.split("== steps")[-1]
+    assert "check: all passed" in tail and "host overhead: forward+backward" in tail
 
 
 @pytest.mark.parametrize("fast", [False, True])
@@ -220,7 +233,9 @@ def test_targets_read_off_the_results():
     assert len(lines) == 3
     assert lines[0].startswith("met") and "3.00x" in lines[0]
     assert lines[1].startswith("MISSED") and "2.50x" in lines[1]
-    assert lines[2].startswith("MISSED") and "8 tokens" in lines[2]
+    assert lines[2].startswith("MISSED") and "8 tokens" in lines[2] and ">= 5x" in lines[2]
+    results["suites"]["layer"][2]["speedup_vs_peft_frod"] = 5.0
+    assert targets(results)[2].startswith("met")
 
     def train(hidden, layers):
         common = {"hidden_size": hidden, "num_hidden_layers": layers, "dtype": "bfloat16"}
@@ -244,7 +259,7 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 def test_check_passes_every_backend_and_path_on_gpu(dtype):
     import dataclasses
 
-    rows = check.run(dataclasses.replace(TINY, dtype=dtype), torch.device("cuda"), _no_progress)
+    rows = check.run(dataclasses.replace(TINY, dtype=dtype), torch.device("cuda"), Quiet())
     assert {f"torch/{p}" for p in check.PATHS} <= {r["candidate"] for r in rows}
     assert all(r["ok"] for r in rows)
 

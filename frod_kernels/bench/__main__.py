@@ -3,10 +3,13 @@ computes the same thing.
 
     frod-bench                              # all suites, sizes picked for this machine
     frod-bench --suite layer,check --out bench_out
+    frod-bench --suite overhead,kernels     # host time per call; each kernel-family op per backend
     frod-bench --full --out "$OUT"          # the GPU shapes of bench/gpu_check.sh
+    frod-bench --summarize "$OUT/results.json" --markdown   # the README's tables, from an earlier run
 
-Exit status: 0 when every suite ran and every backend passed the check; 1 when the check failed or a method raised
-(the table and the message at the end name which); 2 for bad arguments.
+Each suite prints its rows as they finish, then its table. Exit status: 0 when every suite ran and every backend
+passed the checks; 1 when the check failed, a kernel gave a wrong result or a method raised (the tables and the
+message at the end name which); 2 for bad arguments.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Optional
 
 import torch
 
-SUITES = ("check", "layer", "train", "init")
+SUITES = ("check", "overhead", "kernels", "layer", "train", "init")
 MEMORY_NOTE = ("layer: peak bytes allocated during one forward+backward above what was allocated when it began; "
                "train: absolute, resident (model, adapter, optimizer state) plus the step's peak above it. CUDA: "
                "the caching allocator's counters; CPU: torch's CPU allocator (torch.profiler memory events), not "
@@ -49,10 +52,13 @@ def _ints(spec: str) -> list[int]:
 
 
 def parser() -> argparse.ArgumentParser:
-    from .common import DTYPES, PRESETS
+    import frod_kernels
+
+    from .sizes import DTYPES, PRESETS
 
     p = argparse.ArgumentParser(prog="frod-bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"frod-bench (frod-kernels) {frod_kernels.__version__}")
     p.add_argument("--suite", default=",".join(SUITES),
                    help=f"comma list of suites to run, from {', '.join(SUITES)} (default: all)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
@@ -67,7 +73,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--all-paths", action="store_true",
                    help="layer suite: also time frod_linear under each forced engine path (sparse, factored, "
                         "materialized), the data that calibrates the cost model")
-    p.add_argument("--repeats", type=int, help="timed repeats per measurement (default: the preset's)")
+    p.add_argument("--repeats", type=int, help="timed repeats per measurement, the overhead suite's calls per "
+                   "method included (default: the preset's)")
     p.add_argument("--out", help="folder for results.json, summary.txt (the short table) and the PNG plots")
     p.add_argument("--summarize", metavar="RESULTS_JSON",
                    help="print the short table of an earlier run's results.json and exit (runs nothing)")
@@ -78,7 +85,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def resolve_sizes(args: argparse.Namespace, device: torch.device):
-    from .common import DTYPES, PRESETS
+    from .sizes import DTYPES, PRESETS
 
     name = "full" if args.full else args.sizes or ("gpu" if device.type == "cuda" else "cpu")
     sizes = dataclasses.replace(PRESETS[name])
@@ -92,34 +99,8 @@ def resolve_sizes(args: argparse.Namespace, device: torch.device):
     if args.repeats is not None:
         if args.repeats < 1:
             raise ValueError(f"--repeats: expected a positive count, got {args.repeats}")
-        sizes.repeats = args.repeats
+        sizes.repeats = sizes.overhead_repeats = args.repeats
     return sizes
-
-
-class _Progress:
-    """A tqdm bar on stderr advanced as each measurement starts, so its label says what runs now."""
-
-    def __init__(self, total: int):
-        from tqdm import tqdm
-
-        # disable=None: no bar when stderr is not a terminal (logs, CI), where it would only add noise.
-        self.bar = tqdm(total=total, file=sys.stderr, unit="run", dynamic_ncols=True, leave=False, disable=None)
-        self.started = False
-
-    def __call__(self, label: str) -> None:
-        if self.started:
-            self.bar.update(1)
-        self.started = True
-        self.bar.set_description(label[:60])
-
-    def write(self, text: str) -> None:
-        self.bar.write(text, file=sys.stdout)
-        sys.stdout.flush()
-
-    def close(self) -> None:
-        if self.started:
-            self.bar.update(1)
-        self.bar.close()
 
 
 def _save(results: dict, out: str) -> None:
@@ -133,9 +114,13 @@ def _save(results: dict, out: str) -> None:
 def _load(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            results = json.load(f)
     except (OSError, ValueError) as e:
         raise SystemExit(f"frod-bench: cannot read results {path!r}: {e}") from None
+    if not isinstance(results, dict) or not {"environment", "suites"} <= results.keys():
+        raise SystemExit(f"frod-bench: {path!r} is not a frod-bench results file (it has no 'environment' and "
+                         "'suites'; bench/init_projections.py wrote another format before 2026-12-03)")
+    return results
 
 
 def _from_file(summarize: Optional[str], plot: Optional[str], markdown: bool) -> int:
@@ -151,10 +136,21 @@ def _from_file(summarize: Optional[str], plot: Optional[str], markdown: bool) ->
     return 0
 
 
+def _problems(suite: str, rows: list[dict]) -> list[str]:
+    from .report import row_line
+
+    if suite == "check":  # CheckFailed names its failures
+        return []
+    return [row_line(r) for r in rows if r.get("error") or r.get("ok") is False]
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = parser()
     args = p.parse_args(argv)
+    if args.markdown and not args.summarize:
+        p.error("--markdown: formats the tables that --summarize RESULTS_JSON prints; it needs --summarize (a run "
+                "prints terminal tables; render its results.json afterwards)")
     if args.summarize or args.plot:
         return _from_file(args.summarize, args.plot, args.markdown)
     suites = [s.strip() for s in args.suite.split(",") if s.strip()]
@@ -169,45 +165,51 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ValueError as e:
         p.error(str(e))
 
-    from . import check, init, layer, report, train
+    from . import check, init, kernels, layer, overhead, report, train
     from .. import roofline
-    from .common import copy_bandwidth, dtype_name, environment, matmul_peak_tflops, rss_high_water_mark_bytes
+    from .common import copy_bandwidth, dtype_name, environment, matmul_peak_tflops, process_memory_bytes
+    from .progress import Printer
 
-    modules = {"check": check, "layer": layer, "train": train, "init": init}
+    modules = {"check": check, "overhead": overhead, "kernels": kernels, "layer": layer, "train": train,
+               "init": init}
     results = {"environment": environment(device, argv), "sizes": dataclasses.asdict(sizes), "suites": {},
                "memory_note": MEMORY_NOTE}
     print(f"frod-bench on {results['environment']['device_name']} ({device}), sizes {sizes.name}, "
           f"{dtype_name(sizes.dtype)}, suites {', '.join(suites)}", file=sys.stderr)
     peak = gpu = None
+    if device.type == "cuda" and {"layer", "kernels"} & set(suites):
+        # every GPU row is read against this device's own measured copy bandwidth (and matmul peak)
+        results["copy_bandwidth"] = copy_bandwidth(device)
     if "layer" in suites:
         results["matmul_peak"] = matmul_peak_tflops(device, sizes.dtype)
         peak = results["matmul_peak"]["tflops"]
         if device.type == "cuda":
-            # every GPU row is read against this device's roofline, from its own measured peaks
-            results["copy_bandwidth"] = copy_bandwidth(device)
             gpu = roofline.GPU(results["environment"]["device_name"], results["copy_bandwidth"]["bytes_per_s"],
                                {dtype_name(sizes.dtype): peak * 1e12})
-    progress = _Progress(sum(modules[s].n_steps(sizes, device) for s in suites))
+    progress = Printer(sum(modules[s].n_steps(sizes, device) for s in suites))
     problems = []
     try:
         for suite in suites:
+            progress.write(f"\n== {suite} ==")
             try:
                 if suite == "layer":
                     rows = layer.run(sizes, device, peak, progress, gpu)
+                elif suite == "kernels":
+                    rows = kernels.run(sizes, device, progress,
+                                       results.get("copy_bandwidth", {}).get("bytes_per_s"))
                 else:
                     rows = modules[suite].run(sizes, device, progress)
             except check.CheckFailed as e:
                 rows = e.rows
                 problems.append(str(e))
-            problems += [f"{suite}: {r['method']} raised {r['error']}" for r in rows if r.get("error")
-                         and suite != "check"]
+            problems += _problems(suite, rows)
             results["suites"][suite] = rows
-            progress.write(f"\n== {suite} ==\n" + report.suite_table(suite, rows, device.type == "cuda"))
+            progress.write("\n" + report.suite_table(suite, rows, device.type == "cuda"))
             if args.out:
                 _save(results, args.out)
     finally:
         progress.close()
-    results["environment"]["rss_high_water_mark_bytes"] = rss_high_water_mark_bytes()
+    results["environment"]["rss_high_water_mark_bytes"] = process_memory_bytes("VmHWM")
     from ..autotune import explain
 
     results["autotune"] = explain()  # what "auto" ran in every suite, and why

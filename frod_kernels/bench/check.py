@@ -18,8 +18,9 @@ import frod_kernels as fk
 from frod_kernels import engine
 from frod_kernels.reference import TOLERANCE, TOLERANCE_TF32, reference_grads, rel_err
 
-from .common import Sizes, dtype_name
-from .layer import runnable_backends, selected_backend
+from .common import dtype_name
+from .layer import runnable_backends
+from .sizes import Sizes
 
 TENSORS = ("y", "dx", "dlambda_l", "ds_values", "dbias")
 PATHS = tuple(engine.PATH_NAMES[p] for p in sorted(engine.PATH_NAMES))
@@ -43,7 +44,7 @@ def backend_candidates(device: torch.device) -> list[tuple[str, Candidate]]:
     """``("<backend>/<path>", fn)`` for each backend that can run on ``device`` and each engine path."""
     def make(backend, path):
         def fn(x, V, U, lambda_l, s_values, s_indices, bias):
-            with selected_backend(backend):
+            with fk.use_backend(backend):
                 return fk.frod_linear(x, V, U, lambda_l, s_values, s_indices, bias, path=path)
         fn.backend = backend
         return fn
@@ -53,6 +54,14 @@ def backend_candidates(device: torch.device) -> list[tuple[str, Candidate]]:
 def n_steps(sizes: Sizes, device: torch.device, candidates=None) -> int:
     n = len(candidates) if candidates is not None else len(runnable_backends(device)) * len(PATHS)
     return len(sizes.layer_shapes) * len(sizes.check_tokens) * n
+
+
+def random_pattern(n: int, sparse_rate: float, gen: torch.Generator) -> torch.Tensor:
+    """A (2, nnz) pattern of PEFT's kind: distinct off-diagonal positions of an n x n S, unsorted, PEFT's count."""
+    nnz = max(1, min(int(n * n * sparse_rate), n * (n - 1)))
+    off = torch.randperm(n * (n - 1), generator=gen)[:nnz]
+    rows, cols = off // (n - 1), off % (n - 1)
+    return torch.stack([rows, cols + (cols >= rows).long()])  # skip the diagonal
 
 
 def random_problem(n_in: int, n_out: int, tokens: int, dtype: torch.dtype, device: torch.device,
@@ -68,25 +77,23 @@ def random_problem(n_in: int, n_out: int, tokens: int, dtype: torch.dtype, devic
     U = U / U.norm(dim=0, keepdim=True)
     x = torch.randn(tokens, n_in, generator=gen)
     lam = 0.5 + torch.rand(n_in, generator=gen)
-    nnz = max(1, min(int(n_in * n_in * sparse_rate), n_in * (n_in - 1)))
-    off = torch.randperm(n_in * (n_in - 1), generator=gen)[:nnz]
-    rows, cols = off // (n_in - 1), off % (n_in - 1)
-    s_indices = torch.stack([rows, cols + (cols >= rows).long()])
-    s = 0.3 * torch.randn(nnz, generator=gen)
+    s_indices = random_pattern(n_in, sparse_rate, gen)
+    s = 0.3 * torch.randn(s_indices.shape[1], generator=gen)
     bias = torch.randn(n_out, generator=gen)
     param_dtype = torch.float32 if dtype != torch.float64 else dtype  # PEFT keeps lambda/s in float32
     return (x.to(device, dtype), V.to(device, dtype), U.to(device, dtype), lam.to(device, param_dtype),
             s.to(device, param_dtype), s_indices.to(device), bias.to(device, dtype))
 
 
-def tolerance(dtype: torch.dtype, device: torch.device, candidate: Candidate) -> float:
+def tolerance(dtype: torch.dtype, device: torch.device, backend: Optional[str]) -> float:
+    """The allowed relative error of ``backend``'s result (None: not one backend's) against float64."""
     # Triton's float32 dot is tf32 by default; DESIGN.md section 5 allows 1e-3 for it.
-    if dtype == torch.float32 and device.type == "cuda" and getattr(candidate, "backend", None) != "torch":
+    if dtype == torch.float32 and device.type == "cuda" and backend != "torch":
         return TOLERANCE_TF32
     return TOLERANCE[dtype]
 
 
-def run(sizes: Sizes, device: torch.device, tick: Callable[[str], None],
+def run(sizes: Sizes, device: torch.device, progress,
         candidates: Optional[list[tuple[str, Candidate]]] = None) -> list[dict]:
     """One row per (candidate, shape, tokens) with each tensor's relative error; raises CheckFailed at the end if
     any tensor of any candidate is outside tolerance (or a candidate raised)."""
@@ -100,8 +107,8 @@ def run(sizes: Sizes, device: torch.device, tick: Callable[[str], None],
             g = torch.randn(tokens, n_out, generator=torch.Generator().manual_seed(seed + 1)).to(device, dtype)
             ref = reference_grads(x, V, U, lam, s, idx, bias, g)
             for name, fn in candidates:
-                tick(f"check {n_in}x{n_out} b={tokens} {name}")
-                tol = tolerance(dtype, device, fn)
+                progress.start(f"check {n_in}x{n_out} b={tokens} {name}")
+                tol = tolerance(dtype, device, getattr(fn, "backend", None))
                 row = {"suite": "check", "candidate": name, "n_in": n_in, "n_out": n_out, "tokens": tokens,
                        "dtype": dtype_name(dtype), "seed": seed, "tolerance": tol}
                 try:
@@ -118,6 +125,7 @@ def run(sizes: Sizes, device: torch.device, tick: Callable[[str], None],
                     row["error"] = f"{type(e).__name__}: {e}"
                     failures.append(dict(row))
                 rows.append(row)
+                progress.done(row)
     if failures:
         raise CheckFailed(failures, rows)
     return rows

@@ -1,4 +1,4 @@
-"""What every suite shares: size presets, timing, peak memory, the machine description and result rows.
+"""What every suite shares: timing, launch counts, peak memory, the machine description and table formatting.
 
 Timing: on the CPU ``time.perf_counter`` around each call; on CUDA a pair of CUDA events per call. Both after
 warm-up calls, reporting the median and the interquartile range over ``repeats`` calls.
@@ -16,59 +16,18 @@ already resident then and are reported separately where they differ between meth
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime
 import os
 import platform
 import shlex
 import statistics
 import sys
+import time
 from typing import Callable, Iterator, Optional
 
 import torch
 
 from ..autotune import time_once
-
-
-@dataclasses.dataclass
-class Sizes:
-    """Shapes of one run. ``layer_shapes`` are (in, out) pairs; ``train`` is a LlamaConfig subset plus batch/seq."""
-
-    name: str
-    dtype: torch.dtype
-    layer_shapes: list[tuple[int, int]]
-    layer_tokens: list[int]
-    check_tokens: list[int]
-    train: dict
-    repeats: int
-    warmup: int
-    init_repeats: int
-    # Time frod_linear under each forced engine path as well as the cost model's choice: the data that calibrates
-    # the cost model's crossover (engine.SPARSE_COST) on a device.
-    all_paths: bool = False
-
-
-def _train_cfg(hidden, layers, inter, heads, kv_heads, vocab, batch, seq):
-    return dict(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=inter, num_attention_heads=heads,
-                num_key_value_heads=kv_heads, vocab_size=vocab, batch=batch, seq=seq)
-
-
-# `tiny` is for tests and dry runs; `cpu` finishes the four suites in about two minutes on 2 cores; `gpu` and `full`
-# use the shapes of the Triton issue (4096->4096, 4096->1024, 14336->4096 and a ~1B Llama with 4 x 1024 tokens).
-PRESETS = {
-    "tiny": Sizes("tiny", torch.float32, [(96, 80)], [1, 33], [3, 17],
-                  _train_cfg(64, 2, 128, 4, 4, 128, 2, 16), repeats=3, warmup=1, init_repeats=1),
-    "cpu": Sizes("cpu", torch.float32, [(1024, 1024)], [8, 128, 512, 2048], [3, 257],
-                 _train_cfg(512, 4, 1376, 8, 8, 2000, 2, 256), repeats=11, warmup=2, init_repeats=3),
-    "gpu": Sizes("gpu", torch.bfloat16, [(4096, 4096)], [1, 512, 4096, 16384], [3, 257],
-                 _train_cfg(2048, 4, 5632, 16, 16, 32000, 4, 1024), repeats=20, warmup=3, init_repeats=1),
-    "full": Sizes("full", torch.bfloat16, [(4096, 4096), (4096, 1024), (14336, 4096)], [1, 512, 4096, 16384],
-                  [3, 67], _train_cfg(2048, 16, 5632, 16, 16, 32000, 4, 1024), repeats=20, warmup=3,
-                  init_repeats=1),
-}
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -85,30 +44,58 @@ def measure_time(fn: Callable[[], object], device: torch.device, repeats: int, w
     return measure_interleaved({"fn": fn}, device, repeats, warmup)["fn"]
 
 
-def measure_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int,
-                        warmup: int) -> dict[str, dict]:
+def measure_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int, warmup: int,
+                        timer: Callable[[Callable[[], object], torch.device], float] = time_once,
+                        before: Optional[dict[str, Callable[[], object]]] = None) -> dict[str, dict]:
     """``measure_time`` for several methods at once, timed in rounds that run each method once.
 
     Side-by-side ratios then see the same machine: a shared or throttling CPU drifts by 10-20% over the seconds
     one method's repeats take, which timing the methods one after the other would read as a difference between
-    them.
+    them. ``timer(fn, device)`` gives one call's milliseconds (default: CUDA events on a GPU, the wall clock
+    elsewhere; :func:`host_ms` for the host's time alone); ``before[name]``, when given, runs untimed before each
+    of that method's calls, warm-up included (a state the method needs, a synchronization, a busy GPU).
     """
-    for fn in fns.values():
+    before = before or {}
+    for name, fn in fns.items():
         for _ in range(warmup):
+            before.get(name, _nothing)()
             fn()
     synchronize(device)
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            times[name].append(time_once(fn, device))
+            before.get(name, _nothing)()
+            times[name].append(timer(fn, device))
     return {name: summarize(ts) for name, ts in times.items()}
 
 
+def _nothing() -> None:
+    pass
+
+
+def host_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall milliseconds of one call without synchronizing: on a GPU, the host's time to enqueue its work."""
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def busy_gpu(device: torch.device, cycles: int) -> Optional[Callable[[], None]]:
+    """A ``before`` hook that queues a spin of ``cycles`` GPU clock cycles ahead of each timed call, so the host
+    enqueues the call while the GPU still spins and the CUDA events around the call measure the device's own time,
+    not its wait for the host. None where torch lacks the spin kernel (then the events include that wait)."""
+    spin = getattr(torch.cuda, "_sleep", None)
+    if device.type != "cuda" or spin is None:
+        return None
+    return lambda: spin(cycles)
+
+
 def summarize(times_ms: list[float]) -> dict:
+    """Median, quartiles (inclusive method), min and max, and the samples in the order they were taken."""
     ts = sorted(times_ms)
     q = statistics.quantiles(ts, n=4, method="inclusive") if len(ts) > 1 else [ts[0]] * 3
     return {"median_ms": statistics.median(ts), "q1_ms": q[0], "q3_ms": q[2], "min_ms": ts[0], "max_ms": ts[-1],
-            "repeats": len(ts)}
+            "repeats": len(ts), "samples_ms": list(times_ms)}
 
 
 def measure_peak_memory(fn: Callable[[], object], device: torch.device) -> int:
@@ -131,6 +118,35 @@ def measure_peak_memory(fn: Callable[[], object], device: torch.device) -> int:
         cur += e.nbytes()
         peak = max(peak, cur)
     return int(peak)
+
+
+LAUNCH_NOTE = ("aten ops: every aten:: operator event torch.profiler records over one call, forward and backward "
+               "(each is a trip through the dispatcher); leaf aten ops: those with no aten:: event below them, the "
+               "CPU's count of launches (a composite that calls another aten op is not a leaf: aten::mm calling "
+               "aten::resolve_conj counts as its resolve_conj calls); CUDA kernels: kernel events on the GPU, "
+               "memcpy and memset excluded")
+
+
+def count_ops(fn: Callable[[], object], device: torch.device) -> dict:
+    """What one call of ``fn`` dispatches, from ``torch.profiler``: ``aten_ops``, ``leaf_aten_ops`` and, on a GPU,
+    ``cuda_kernels`` (see :data:`LAUNCH_NOTE`)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with _quiet_stderr_fd(), profile(activities=activities) as prof:
+        fn()
+        synchronize(device)
+    events = prof.events()
+    aten = [e for e in events if e.name.startswith("aten::") and e.device_type == torch.autograd.DeviceType.CPU]
+
+    def has_aten_below(e) -> bool:
+        return any(c.name.startswith("aten::") or has_aten_below(c) for c in e.cpu_children)
+
+    counts = {"aten_ops": len(aten), "leaf_aten_ops": sum(not has_aten_below(e) for e in aten)}
+    if device.type == "cuda":
+        counts["cuda_kernels"] = sum(e.device_type == torch.autograd.DeviceType.CUDA
+                                     and not e.name.startswith(("Memcpy", "Memset")) for e in events)
+    return counts
 
 
 @contextlib.contextmanager
@@ -199,11 +215,13 @@ def _version(module: str) -> Optional[str]:
         return None
 
 
-def rss_high_water_mark_bytes() -> Optional[int]:
+def process_memory_bytes(field: str = "VmHWM") -> Optional[int]:
+    """A memory field of this process from /proc/self/status (VmHWM: the RSS high-water mark; VmRSS), or None
+    where there is no /proc."""
     try:
         with open("/proc/self/status", encoding="utf-8") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
@@ -265,3 +283,14 @@ def format_table(headers: list[str], rows: list[list[str]], markdown: bool = Fal
            "  ".join("-" * w for w in widths)]
     out += ["  ".join(c.rjust(w) if n else c.ljust(w) for c, w, n in zip(r, widths, numeric)).rstrip() for r in rows]
     return "\n".join(out)
+
+
+class Quiet:
+    """The progress sink of a suite run from code or a test: each suite calls ``start(label)`` as a measurement
+    begins and ``done(row)`` as its row is complete; frod-bench's own sink prints them."""
+
+    def start(self, label: str) -> None:
+        pass
+
+    def done(self, row: dict) -> None:
+        pass

@@ -17,10 +17,6 @@ layer (forward and ``dx``). LoRA's rank-32 extra work is not counted, so its fra
 
 from __future__ import annotations
 
-import contextlib
-import os
-from typing import Callable, Iterator
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,7 +25,8 @@ import frod_kernels as fk
 from frod_kernels import autotune, cost_model, engine, roofline
 
 from . import peft_models
-from .common import Sizes, dtype_name, measure_interleaved, measure_peak_memory
+from .common import dtype_name, measure_interleaved, measure_peak_memory
+from .sizes import Sizes
 
 PEFT_FROD = "PEFT FRoD"
 LORA = f"PEFT LoRA r={peft_models.LORA_RANK}"
@@ -44,23 +41,19 @@ def runnable_backends(device: torch.device) -> list[str]:
     return [b for b, where in fk.available_backends().items() if where.get(device.type) is None]
 
 
+def backend_plan(device: torch.device) -> dict[str, str | None]:
+    """Every backend, with None where it is timed on ``device`` or the reason it is not. Triton on the CPU runs
+    only under its interpreter, a correctness tool thousands of times slower than any kernel (the check suite and
+    the tests still cover it)."""
+    plan = {b: where.get(device.type) for b, where in fk.available_backends().items()}
+    if device.type == "cpu" and plan.get("triton") is None:
+        plan["triton"] = ("runs on the CPU only under its interpreter (TRITON_INTERPRET=1), a correctness tool "
+                          "thousands of times slower than a kernel: checked by the tests, not timed")
+    return plan
+
+
 def timed_backends(device: torch.device) -> list[str]:
-    """The backends worth timing: all that run here except Triton under its CPU interpreter, a correctness tool
-    thousands of times slower than any kernel (the check suite still covers it)."""
-    interpreted = device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
-    return [b for b in runnable_backends(device) if not (interpreted and b == "triton")]
-
-
-@contextlib.contextmanager
-def selected_backend(name: str) -> Iterator[None]:
-    # The process-wide setting rather than fk.use_backend: on CUDA autograd runs backward in its own thread, where a
-    # thread-local choice would not be seen.
-    prev = fk.get_backend()
-    fk.set_backend(name)
-    try:
-        yield
-    finally:
-        fk.set_backend(prev)
+    return [b for b, why in backend_plan(device).items() if why is None]
 
 
 def n_steps(sizes: Sizes, device: torch.device) -> int:
@@ -97,7 +90,7 @@ def _methods(base: nn.Linear, device: torch.device, dtype: torch.dtype, backends
     def frod(backend, forced=None):
         def make(x, g):
             def step():
-                with selected_backend(backend):
+                with fk.use_backend(backend):
                     y = fk.frod_linear(x, V, U, lam, s, idx, path=forced)
                     return torch.autograd.grad(y, [x, lam, s], g)
             return step
@@ -120,7 +113,7 @@ def _methods(base: nn.Linear, device: torch.device, dtype: torch.dtype, backends
     return methods, nnz
 
 
-def run(sizes: Sizes, device: torch.device, peak_tflops: float | None, tick: Callable[[str], None],
+def run(sizes: Sizes, device: torch.device, peak_tflops: float | None, progress,
         gpu: "roofline.GPU | None" = None) -> list[dict]:
     """The suite's rows; with ``gpu`` (the device's measured peaks), each row also gets its roofline floor."""
     dtype, rows = sizes.dtype, []
@@ -136,7 +129,7 @@ def run(sizes: Sizes, device: torch.device, peak_tflops: float | None, tick: Cal
             g = torch.randn(tokens, n_out, device=device, dtype=dtype)
             group, steps = [], {}
             for name, path, make in methods:
-                tick(f"layer {n_in}x{n_out} b={tokens} {name}")
+                progress.start(f"layer {n_in}x{n_out} b={tokens} {name}")
                 row = {"suite": "layer", "method": name, "n_in": n_in, "n_out": n_out, "tokens": tokens,
                        "dtype": dtype_name(dtype), "path": None}
                 try:
@@ -154,6 +147,8 @@ def run(sizes: Sizes, device: torch.device, peak_tflops: float | None, tick: Cal
             _derive(group, peak_tflops)
             if gpu is not None:
                 add_floors(group, gpu, nnz)
+            for row in group:
+                progress.done(row)
             rows += group
         del methods
     return rows

@@ -36,10 +36,10 @@ def frod_config(targets, sparse_rate: float = 0.01, seed: int = 0):
                       progressbar=False)
 
 
-def lora_config(targets, init_lora_weights=True):
+def lora_config(targets, init_lora_weights=True, rank: int = LORA_RANK):
     from peft import LoraConfig
 
-    return LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, lora_dropout=0.0, target_modules=list(targets),
+    return LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=list(targets),
                       init_lora_weights=init_lora_weights)
 
 
@@ -58,9 +58,9 @@ def peft_frod_linear(base: nn.Linear, sparse_rate: float = 0.01, seed: int = 0):
     return model, layer
 
 
-def peft_lora_linear(base: nn.Linear):
-    """PEFT's LoRA r=32 on a copy of ``base``; both factors random (B is zero at PEFT's init) so no grad is trivial."""
-    model = wrap(LinearHolder(copy.deepcopy(base)), lora_config(["proj"], init_lora_weights=False))
+def peft_lora_linear(base: nn.Linear, rank: int = LORA_RANK):
+    """PEFT's LoRA on a copy of ``base``; both factors random (B is zero at PEFT's init) so no grad is trivial."""
+    model = wrap(LinearHolder(copy.deepcopy(base)), lora_config(["proj"], init_lora_weights=False, rank=rank))
     return model, model.base_model.model.proj
 
 

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import gc
 import time
-from typing import Callable
 
 import torch
 
 from . import peft_models
-from .common import Sizes, dtype_name, measure_peak_memory, measure_time, tensor_bytes
+from .common import dtype_name, measure_peak_memory, measure_time, tensor_bytes
+from .sizes import Sizes
 
 PEFT_FROD = "PEFT FRoD"
 ACCELERATED = "PEFT FRoD + frod_kernels.peft.accelerate"
@@ -71,7 +71,7 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def run(sizes: Sizes, device: torch.device, tick: Callable[[str], None]) -> list[dict]:
+def run(sizes: Sizes, device: torch.device, progress) -> list[dict]:
     cfg, dtype = sizes.train, sizes.dtype
     tokens = cfg["batch"] * cfg["seq"]
     ids = torch.randint(0, cfg["vocab_size"], (cfg["batch"], cfg["seq"]),
@@ -80,13 +80,14 @@ def run(sizes: Sizes, device: torch.device, tick: Callable[[str], None]) -> list
     rows = []
 
     def record(method, fn):
-        tick(f"train {method}")
+        progress.start(f"train {method}")
         row = dict(base, method=method)
         try:
             row.update(fn())
         except Exception as e:  # one failing method is reported in its row; the others still run
             row["error"] = f"{type(e).__name__}: {e}"
         rows.append(row)
+        progress.done(row)
 
     def lora():
         t0 = time.perf_counter()
@@ -111,11 +112,9 @@ def run(sizes: Sizes, device: torch.device, tick: Callable[[str], None]) -> list
 
     accelerate, reason = _accelerate()
     if "model" not in frod:
-        tick(f"train {ACCELERATED}")
-        rows.append(dict(base, method=ACCELERATED, skipped="PEFT FRoD model could not be built"))
+        record(ACCELERATED, lambda: {"skipped": "PEFT FRoD model could not be built"})
     elif accelerate is None:
-        tick(f"train {ACCELERATED}")
-        rows.append(dict(base, method=ACCELERATED, skipped=reason))
+        record(ACCELERATED, lambda: {"skipped": reason})
     else:
         def accelerated():
             # The same model PEFT FRoD just trained on, so its setup is not paid twice (same weights, fresh AdamW).

@@ -1,6 +1,6 @@
 """``python -m frod_kernels.cache {list,size,clear}``: what the projection cache holds, how big it is, empty it.
 
-    python -m frod_kernels.cache list                 # one line per entry: file, size, kind, category, ...
+    python -m frod_kernels.cache list                 # one line per entry: size, kind, category, ..., file
     python -m frod_kernels.cache size
     python -m frod_kernels.cache clear --yes
     python -m frod_kernels.cache --dir /scratch/frod list
@@ -23,21 +23,23 @@ def _mib(n: int) -> str:
 
 
 def _list(directory) -> str:
+    # The table helper of frod-bench, not a second copy here; it moves below both with the measurement helpers.
+    from ..bench.common import format_table
+
     rows = entries(directory)
     if not rows:
         return f"{cache_dir(directory)}: no entries"
-    headers = ["file", "size", "kind", "category", "layers", "width", "route/solver", "created"]
+    # the file name last and whole, so it can be copied (it is 80 characters: a digest)
+    headers = ["size", "kind", "category", "layers", "width", "route/solver", "created", "note", "file"]
     body = []
     for r in rows:
         info = r.get("info", {})
-        layers = info.get("layers", info.get("layer", ""))
-        body.append([r["file"][:22] + "...", _mib(r["bytes"]), r.get("kind", "-"), info.get("category", "-"),
-                     str(layers), str(info.get("width", "")), info.get("route", info.get("solver", "")),
-                     info.get("created", r.get("problem", ""))])
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *body)]
-    lines = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip() for row in [headers, *body]]
-    return "\n".join([f"{cache_dir(directory)}:"] + lines + [f"{len(rows)} files, "
-                                                             f"{_mib(sum(r['bytes'] for r in rows))}"])
+        body.append([_mib(r["bytes"]), r.get("kind", "-"), info.get("category", "-"),
+                     str(info.get("layers", info.get("layer", "-"))), str(info.get("width", "-")),
+                     info.get("route", info.get("solver", "-")), info.get("created", "-"), r.get("problem", ""),
+                     r["file"]])
+    return "\n".join([f"{cache_dir(directory)}:", format_table(headers, body),
+                      f"{len(rows)} files, {_mib(sum(r['bytes'] for r in rows))}"])
 
 
 def _size(directory) -> str:
