@@ -31,7 +31,6 @@ from ._tensor_cache import TensorCache, state
 from .layout import packed_size
 
 
-
 def check_tensor(name: str, t, *, dim: int | None = None, dtypes=FLOAT_DTYPES) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")

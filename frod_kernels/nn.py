@@ -11,7 +11,13 @@ from torch import nn
 
 from . import cache as projection_cache
 from . import projections
-from ._validation import check_base_weight, check_finite, check_layer_options, check_tensor, finite_mode
+from ._validation import (
+    check_base_weight,
+    check_finite,
+    check_layer_options,
+    check_tensor,
+    finite_mode,
+)
 from .layout import build_layout, check_pattern
 from .ops import frod_linear
 

@@ -52,6 +52,7 @@ import dataclasses
 import sys
 from typing import Optional
 
+from ._table import format_table
 from .engine import FACTORED, MATERIALIZED, PATH_NAMES, SPARSE
 
 __all__ = ["GPU", "H200", "Step", "floor_ms", "frod_floor", "lora_steps", "linear_steps", "path_steps"]
@@ -177,7 +178,6 @@ def table(shapes: list[tuple[int, int, int]], gpu: GPU, dtype: str, sparse_rate:
           steps: bool) -> str:
     """Per shape (in, out, tokens) and path: FLOPs, HBM and L2 bytes, arithmetic intensity (on the HBM bytes) and
     floor, forward+backward; with ``steps``, every kernel and the resource that bounds it."""
-    from .bench.common import format_table
 
     rows = []
     for n_in, n_out, b in shapes:
@@ -202,7 +202,6 @@ def table(shapes: list[tuple[int, int, int]], gpu: GPU, dtype: str, sparse_rate:
 
 def summary(shapes: list[tuple[int, int, int]], gpu: GPU, dtype: str, sparse_rate: float, markdown: bool) -> str:
     """One row per shape: each path's floor (the best in bold, or starred), the frozen layer's, and the ratio."""
-    from .bench.common import format_table
 
     rows = []
     for n_in, n_out, b in shapes:

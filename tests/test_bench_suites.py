@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from frod_kernels import _backends
+from frod_kernels import registry
 from frod_kernels.bench import init, kernels, overhead
 from frod_kernels.bench.__main__ import main
 from frod_kernels.bench.common import Quiet, count_ops, measure_interleaved
@@ -92,15 +92,11 @@ def test_kernels_compulsory_bytes():
     assert kernels.compulsory_bytes(10, 6, 7, torch.bfloat16) == 240 + 28 + 40 + 88 + 56
 
 
-def _off_by_a_bit(A, diag, weights, ptr, src):
-    return _backends._IMPLS["row_gather_diag"]["_real"](A, diag, weights, ptr, src) * (1 + 1e-3)
-
-
 def test_cli_kernels_marks_a_wrong_result_and_exits_1(monkeypatch, capsys, tmp_path):
-    impls = _backends._IMPLS["row_gather_diag"]
-    monkeypatch.setitem(impls, "_real", impls["torch"])
-    monkeypatch.setitem(impls, "torch", _off_by_a_bit)
-    rc = main(["--suite", "kernels", "--sizes", "tiny", "--device", "cpu", "--out", str(tmp_path)])
+    with registry.scoped():
+        real = registry.impls("row_gather_diag")["torch"]
+        registry.register_impl("row_gather_diag", "torch")(lambda *args: real(*args) * (1 + 1e-3))
+        rc = main(["--suite", "kernels", "--sizes", "tiny", "--device", "cpu", "--out", str(tmp_path)])
     out = capsys.readouterr()
     assert rc == 1
     assert "row_gather_diag [torch]" in out.err and "WRONG" in out.err

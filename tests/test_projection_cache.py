@@ -18,7 +18,6 @@ import pytest
 import torch
 from torch import nn
 
-import frod_kernels
 import frod_kernels.peft as fkp
 from frod_kernels import FrodBasis, FrodLinear, replace_linears
 from frod_kernels import cache as C

@@ -24,7 +24,6 @@ import pytest  # noqa: E402
 import frod_kernels as fk  # noqa: E402
 from frod_kernels.backends import pytorch as torch_backend  # noqa: E402
 from frod_kernels.backends import triton as triton_backend  # noqa: E402
-from frod_kernels.registry import unavailable_reason  # noqa: E402
 from frod_kernels.layout import build_layout  # noqa: E402
 from frod_kernels.reference import (  # noqa: E402
     TOLERANCE, reference_grads, reference_row_gather_diag, reference_sampled_dot_diag, rel_err)

@@ -32,12 +32,20 @@ from __future__ import annotations
 import torch
 
 from .. import registry
+from . import state
 from .kernels import TWIN, auto_kernel, backend_key, show
 from .measure import set_timer, time_once
 from .paths import chosen, path_key, pick_path
-from . import state
-from .state import (FORMAT, MEASURED_DEVICE_TYPES, STATE, clear, get_autotune, measures, not_measured,
-                    set_autotune)
+from .state import (
+    FORMAT,
+    MEASURED_DEVICE_TYPES,
+    STATE,
+    clear,
+    get_autotune,
+    measures,
+    not_measured,
+    set_autotune,
+)
 
 __all__ = ["FORMAT", "MEASURED_DEVICE_TYPES", "auto_kernel", "backend_key", "chosen", "clear", "explain", "get_autotune", "measures", "path_key",
            "pick_path", "set_autotune", "set_timer", "time_once"]

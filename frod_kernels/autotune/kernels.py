@@ -22,8 +22,8 @@ import torch
 from .. import registry
 from .._numerics import bucket, dtype_name
 from ..reference import TOLERANCE
-from .measure import max_rel_err, measure
 from . import state
+from .measure import max_rel_err, measure
 from .state import Choice, device_name, fail, has_failed, lookup, not_measured, record
 
 TWIN = "torch"

@@ -165,9 +165,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ValueError as e:
         p.error(str(e))
 
-    from . import check, init, kernels, layer, overhead, report, train
     from .. import roofline
-    from .common import copy_bandwidth, dtype_name, environment, matmul_peak_tflops, process_memory_bytes
+    from .._numerics import dtype_name
+    from . import check, init, kernels, layer, overhead, report, train
+    from .common import (
+        copy_bandwidth,
+        environment,
+        matmul_peak_tflops,
+        process_memory_bytes,
+    )
     from .progress import Printer
 
     modules = {"check": check, "overhead": overhead, "kernels": kernels, "layer": layer, "train": train,

@@ -18,7 +18,7 @@ import frod_kernels as fk
 from frod_kernels import engine
 from frod_kernels.reference import TOLERANCE, TOLERANCE_TF32, reference_grads, rel_err
 
-from .common import dtype_name
+from .._numerics import dtype_name
 from .layer import runnable_backends
 from .sizes import Sizes
 

@@ -27,11 +27,8 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
+from .._numerics import dtype_name
 from ..autotune import time_once
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 def synchronize(device: torch.device) -> None:
@@ -269,20 +266,6 @@ def fmt_bytes(n: Optional[int]) -> str:
 
 def fmt_ratio(r: Optional[float]) -> str:
     return "-" if r is None else f"{r:.2f}x"
-
-
-def format_table(headers: list[str], rows: list[list[str]], markdown: bool = False) -> str:
-    """Columns of numbers right-aligned, text (and the first column) left-aligned; a GitHub table if ``markdown``."""
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    numeric = [i > 0 and bool(rows) and all(r[i] == "-" or r[i][:1].isdigit() for r in rows)
-               for i in range(len(headers))]
-    if markdown:
-        rule = ["-" * (w - 1) + ":" if n else "-" * w for w, n in zip(widths, numeric)]
-        return "\n".join("| " + " | ".join(r) + " |" for r in [headers, rule, *rows])
-    out = ["  ".join(h.rjust(w) if n else h.ljust(w) for h, w, n in zip(headers, widths, numeric)).rstrip(),
-           "  ".join("-" * w for w in widths)]
-    out += ["  ".join(c.rjust(w) if n else c.ljust(w) for c, w, n in zip(r, widths, numeric)).rstrip() for r in rows]
-    return "\n".join(out)
 
 
 class Quiet:

@@ -34,10 +34,21 @@ import os
 import torch
 from torch import nn
 
-from frod_kernels.reference import eigenbasis_error, reference_frod_eigenproblem, rel_err
+from frod_kernels.reference import (
+    eigenbasis_error,
+    reference_frod_eigenproblem,
+    rel_err,
+)
 
+from .._numerics import dtype_name
 from . import peft_models
-from .common import Quiet, dtype_name, host_ms, measure_interleaved, process_memory_bytes, synchronize
+from .common import (
+    Quiet,
+    host_ms,
+    measure_interleaved,
+    process_memory_bytes,
+    synchronize,
+)
 from .sizes import Sizes
 
 METHODS = ("peft", "peft_enabled", "peft_enabled_cached", "frod_kernels", "frod_kernels_fast", "frod_kernels_cached")

@@ -22,8 +22,9 @@ from typing import Optional
 
 import torch
 
+from .._numerics import dtype_name
 from . import init
-from .common import dtype_name, environment
+from .common import environment
 from .sizes import DTYPES
 
 

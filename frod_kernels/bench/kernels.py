@@ -23,10 +23,15 @@ import torch
 
 import frod_kernels as fk
 from frod_kernels.layout import build_layout
-from frod_kernels.reference import reference_row_gather_diag, reference_sampled_dot_diag, rel_err
+from frod_kernels.reference import (
+    reference_row_gather_diag,
+    reference_sampled_dot_diag,
+    rel_err,
+)
 
+from .._numerics import dtype_name
 from .check import random_pattern, tolerance
-from .common import busy_gpu, dtype_name, measure_interleaved
+from .common import busy_gpu, measure_interleaved
 from .layer import backend_plan
 from .sizes import U_T, Sizes
 

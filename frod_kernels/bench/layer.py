@@ -24,8 +24,9 @@ from torch import nn
 import frod_kernels as fk
 from frod_kernels import autotune, cost_model, engine, roofline
 
+from .._numerics import dtype_name
 from . import peft_models
-from .common import dtype_name, measure_interleaved, measure_peak_memory
+from .common import measure_interleaved, measure_peak_memory
 from .sizes import Sizes
 
 PEFT_FROD = "PEFT FRoD"

@@ -78,7 +78,8 @@ def fast_projections(device: torch.device, seed: int = 0) -> Iterator[None]:
     layer suite times forward+backward, which does not depend on V's values, so it builds its layers this way; the
     init suite times PEFT's real setup.
     """
-    from peft.tuners.frod import layer as frod_layer, model as frod_model
+    from peft.tuners.frod import layer as frod_layer
+    from peft.tuners.frod import model as frod_model
 
     gen = torch.Generator(device=device).manual_seed(seed)
 

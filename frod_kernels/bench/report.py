@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .common import LAUNCH_NOTE, fmt_bytes, fmt_ms, fmt_ratio, format_table
+from .._table import format_table
+from .common import LAUNCH_NOTE, fmt_bytes, fmt_ms, fmt_ratio
 
 
 def _note(r: dict) -> str:

@@ -32,7 +32,7 @@ class Sizes:
     overhead_repeats: int
     kernel_cases: list[tuple[int, int, str]]
     # Time frod_linear under each forced engine path as well as the cost model's choice: the data that calibrates
-    # the cost model's crossover (engine.SPARSE_COST) on a device.
+    # the cost model's crossover (cost_model.SPARSE_COST) on a device.
     all_paths: bool = False
 
 

@@ -17,8 +17,9 @@ import time
 
 import torch
 
+from .._numerics import dtype_name
 from . import peft_models
-from .common import dtype_name, measure_peak_memory, measure_time, tensor_bytes
+from .common import measure_peak_memory, measure_time, tensor_bytes
 from .sizes import Sizes
 
 PEFT_FROD = "PEFT FRoD"

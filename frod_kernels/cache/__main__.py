@@ -15,6 +15,7 @@ import argparse
 import sys
 from typing import Optional
 
+from .._table import format_table
 from . import cache_dir, clear, entries
 
 
@@ -23,9 +24,6 @@ def _mib(n: int) -> str:
 
 
 def _list(directory) -> str:
-    # The table helper of frod-bench, not a second copy here; it moves below both with the measurement helpers.
-    from ..bench.common import format_table
-
     rows = entries(directory)
     if not rows:
         return f"{cache_dir(directory)}: no entries"

@@ -19,8 +19,18 @@ from .. import projections
 from .._tensor_cache import TensorCache
 from .._validation import check_sparse_rate
 from ..projections.store import open_store
-from .state import (PEFT_CREATE_AND_REPLACE, PEFT_INIT_PROJECTIONS, PEFT_INJECT, PEFT_TUNER_INIT, PEFT_U_AND_LAMBDA,
-                    STATE, Linear, is_on, mark, peft_model)
+from .state import (
+    PEFT_CREATE_AND_REPLACE,
+    PEFT_INIT_PROJECTIONS,
+    PEFT_INJECT,
+    PEFT_TUNER_INIT,
+    PEFT_U_AND_LAMBDA,
+    STATE,
+    Linear,
+    is_on,
+    mark,
+    peft_model,
+)
 
 
 def _valid_sparse_rate(sparse_rate) -> bool:

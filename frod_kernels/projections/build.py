@@ -13,7 +13,7 @@ from tqdm import tqdm
 from .. import cache as projection_cache
 from .._validation import check_sparse_rate
 from .exact import _basis_gpu, basis_from_weights
-from .fast import _FastFactors, _fast_factors
+from .fast import _fast_factors, _FastFactors
 from .keys import category_from_key, layer_index_from_key
 from .pattern import _Patterns
 from .solve import VSolver, _normalize_columns, cached_u_and_lambda

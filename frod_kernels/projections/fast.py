@@ -11,7 +11,6 @@ from torch import Tensor
 
 from .exact import _float32_cpu, basis_from_weights
 
-
 _SKETCH_SEED = 0x5EED  # a private generator: the fast route never draws from the pattern's generator
 
 def _sketch_r(mats: Sequence[Tensor], n: int) -> Tensor:

@@ -3,6 +3,7 @@ the category's weights."""
 
 from __future__ import annotations
 
+
 def category_from_key(key: str) -> str:
     """PEFT's ``_category_from_key``: the projection-sharing role of a dotted module key.
 
