@@ -266,13 +266,17 @@ def replace_linears(
     progressbar: bool = True,
     projection_method: str = "exact",
     cache: projection_cache.CacheArg = None,
+    freeze_base: bool = True,
 ) -> nn.Module:
     """Replace the matching ``nn.Linear``/``Conv1D`` modules of ``model`` (in place) with ``FrodLinear`` layers.
 
     Categories, bases, patterns and the ``seed`` (PEFT's ``projection_prng_key``) follow PEFT's FRoD exactly, so
     the same model gives the same ``V``, ``U``, ``lambda_l`` and ``s_indices`` as ``get_peft_model``. One
-    :class:`FrodBasis` per category is shared by its layers. Freezes nothing else: freeze the base model's
-    parameters yourself (``model.requires_grad_(False)`` before calling) if only FRoD should train.
+    :class:`FrodBasis` per category is shared by its layers.
+
+    ``freeze_base``: as ``get_peft_model`` does, every parameter of ``model`` but the FRoD layers' ``lambda_l`` and
+    ``s_values`` (and their biases with ``train_bias``) stops requiring grad. ``False`` leaves the other parameters
+    as they were (an embedding or head that should train alongside).
 
     ``projection_method="fast"`` computes each V by :func:`frod_kernels.projections.fast_basis` (about twice as
     fast on the CPU, see the README): the same eigenbasis as PEFT's to the eigenproblem's own float32 accuracy,
@@ -286,6 +290,8 @@ def replace_linears(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if freeze_base is not True and freeze_base is not False:
+        raise TypeError(f"freeze_base: expected True or False, got {freeze_base!r}")
     if isinstance(target_modules, str) is False and not isinstance(target_modules, Iterable):
         raise TypeError(f"target_modules: expected a regex string or a list of names, got {type(target_modules).__name__}")
     if not isinstance(target_modules, str):
@@ -321,4 +327,10 @@ def replace_linears(
                 Conv1D is not None and isinstance(lin, Conv1D))
             parent_name, _, child = key.rpartition(".")
             setattr(modules[parent_name] if parent_name else model, child, layer)
+    if freeze_base:
+        trained = {id(p) for m in model.modules() if isinstance(m, FrodLinear)
+                   for p in (m.lambda_l, m.s_values) + ((m.bias,) if train_bias and m.bias is not None else ())}
+        for p in model.parameters():
+            if id(p) not in trained:
+                p.requires_grad_(False)
     return model

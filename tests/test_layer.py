@@ -94,6 +94,24 @@ def test_replace_linears_shares_one_basis_per_category():
     assert sum(1 for m in model.modules() if isinstance(m, fk.FrodBasis)) == 2
 
 
+@pytest.mark.parametrize("freeze_base, train_bias", [(True, False), (True, True), (False, False)])
+def test_replace_linears_trains_only_the_adapter_like_peft(freeze_base, train_bias):
+    model = tiny_llama()
+    model.model.layers[0].self_attn.q_proj.bias = nn.Parameter(torch.randn(48))
+    before = {n for n, p in model.named_parameters() if p.requires_grad}
+    fk.replace_linears(model, ["q_proj", "v_proj"], progressbar=False, freeze_base=freeze_base,
+                       train_bias=train_bias)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    adapter = {n for n in trainable if n.endswith((".lambda_l", ".s_values"))}
+    assert len(adapter) == 2 * 2 * 2  # lambda_l and s_values of q_proj and v_proj in both layers
+    if freeze_base:
+        bias = {"model.layers.0.self_attn.q_proj.bias"} if train_bias else set()
+        assert trainable == adapter | bias
+    else:
+        kept = {n for n in before if not n.endswith(("q_proj.weight", "v_proj.weight", "q_proj.bias"))}
+        assert trainable == adapter | kept and kept
+
+
 def test_replace_linears_keeps_the_model_output():
     model = tiny_llama()
     ids = torch.randint(0, 97, (2, 11))

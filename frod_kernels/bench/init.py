@@ -30,6 +30,10 @@ from __future__ import annotations
 import copy
 import gc
 import os
+import subprocess
+import sys
+import tempfile
+from typing import Optional
 
 import torch
 from torch import nn
@@ -224,6 +228,37 @@ def eigen_errors(V: dict, weights: dict, regularization_alpha: float = 1e-3) -> 
     return out
 
 
+def measure_in_subprocess(method: str, route: str, hidden: int, layers: int, dtype: torch.dtype, repeats: int,
+                          sparse_rate: float, seed: int, threads: Optional[int], cache_dir: Optional[str],
+                          keep: bool, timeout_s: float = 900):
+    """:func:`measure` in a fresh process (``python -m frod_kernels.bench.init_cli``'s worker; a cached method's
+    filling setup in another one before it):
+    (row fields, tensors or None unless ``keep`` or cached, the filling setup's tensors or None)."""
+    with tempfile.TemporaryDirectory(prefix="frod-bench-init-") as tmp:
+        def worker(out: str, fill: bool) -> dict:
+            cmd = [sys.executable, "-m", "frod_kernels.bench.init_cli", "--_worker", method, "--_route", route, "--hidden", str(hidden),
+                   "--layers", str(layers), "--dtype", dtype_name(dtype), "--repeats", str(1 if fill else repeats),
+                   "--sparse-rate", str(sparse_rate), "--seed", str(seed), "--_out", out]
+            cmd += ["--threads", str(threads)] if threads else []
+            cmd += ["--_cache-dir", cache_dir] if cache_dir else []
+            cmd += ["--_keep"] if keep or cache_dir else []
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+            if proc.returncode != 0:
+                last = proc.stderr.strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
+                raise RuntimeError(f"the {'filling ' if fill else ''}worker failed: {last[0]}")
+            return torch.load(out)
+
+        first = None
+        if cache_dir:
+            filled = worker(os.path.join(tmp, "first.pt"), True)
+            first = filled["tensors"]
+        timed = worker(os.path.join(tmp, "timed.pt"), False)
+        fields = timed["row"]
+        if cache_dir:
+            fields["first_setup_ms"] = filled["row"]["median_ms"]
+        return fields, timed["tensors"], first
+
+
 def run_methods(methods: list[tuple[str, str]], hidden: int, layers: int, dtype: torch.dtype = torch.float32,
                 repeats: int = 1, sparse_rate: float = 0.01, seed: int = 0, eigen_check: bool = False,
                 isolate: bool = False, threads: int | None = None, progress=None, worker_options=None) -> list[dict]:
@@ -235,7 +270,6 @@ def run_methods(methods: list[tuple[str, str]], hidden: int, layers: int, dtype:
     """
     import tempfile
 
-    from . import init_cli
 
     progress = progress or Quiet()
     methods = sorted(methods, key=lambda m: m[0] != "peft")
@@ -255,7 +289,7 @@ def run_methods(methods: list[tuple[str, str]], hidden: int, layers: int, dtype:
             cache_dir = os.path.join(tmp, f"{method}-{route}") if method in CACHED else None
             try:
                 if isolate:
-                    fields, tensors, first = init_cli.measure_in_subprocess(
+                    fields, tensors, first = measure_in_subprocess(
                         method, route, hidden, layers, dtype, repeats, sparse_rate, seed, threads, cache_dir,
                         keep, **(worker_options or {}))
                 else:

@@ -14,48 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import tempfile
 from typing import Optional
 
 import torch
 
-from .._numerics import dtype_name
 from . import init
 from .common import environment
 from .sizes import DTYPES
-
-
-def measure_in_subprocess(method: str, route: str, hidden: int, layers: int, dtype: torch.dtype, repeats: int,
-                          sparse_rate: float, seed: int, threads: Optional[int], cache_dir: Optional[str],
-                          keep: bool, timeout_s: float = 900):
-    """:func:`.init.measure` in a fresh process (a cached method's filling setup in another one before it):
-    (row fields, tensors or None unless ``keep`` or cached, the filling setup's tensors or None)."""
-    with tempfile.TemporaryDirectory(prefix="frod-bench-init-") as tmp:
-        def worker(out: str, fill: bool) -> dict:
-            cmd = [sys.executable, "-m", __name__, "--_worker", method, "--_route", route, "--hidden", str(hidden),
-                   "--layers", str(layers), "--dtype", dtype_name(dtype), "--repeats", str(1 if fill else repeats),
-                   "--sparse-rate", str(sparse_rate), "--seed", str(seed), "--_out", out]
-            cmd += ["--threads", str(threads)] if threads else []
-            cmd += ["--_cache-dir", cache_dir] if cache_dir else []
-            cmd += ["--_keep"] if keep or cache_dir else []
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
-            if proc.returncode != 0:
-                last = proc.stderr.strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
-                raise RuntimeError(f"the {'filling ' if fill else ''}worker failed: {last[0]}")
-            return torch.load(out)
-
-        first = None
-        if cache_dir:
-            filled = worker(os.path.join(tmp, "first.pt"), True)
-            first = filled["tensors"]
-        timed = worker(os.path.join(tmp, "timed.pt"), False)
-        fields = timed["row"]
-        if cache_dir:
-            fields["first_setup_ms"] = filled["row"]["median_ms"]
-        return fields, timed["tensors"], first
 
 
 def _worker(args: argparse.Namespace) -> None:

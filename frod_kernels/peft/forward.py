@@ -41,12 +41,13 @@ def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     if layout is None:
         return PEFT_FORWARD(self, x, *args, **kwargs)
     s_indices, packed = layout
-    V = _device_copy(self.frod_V[adapter], x.device, x.dtype)
-    U = _device_copy(_column_major_u(self, adapter), x.device, x.dtype)
-    # PEFT moves the trainable tensors with a differentiable .to(); a no-op when they already live on x's device
-    lambda_l = self.frod_lambda_l[adapter].to(device=x.device)
-    s_values = self.frod_lambda_s_values[adapter].to(device=x.device)
-    previous_dtype = x.dtype
+    device, dtype = x.device, x.dtype
+    V = _device_copy(self.frod_V[adapter], device, dtype)
+    U = _device_copy(_column_major_u(self, adapter), device, dtype)
+    # PEFT moves the trainable tensors with a differentiable .to(); skipped (an op call less) where they already
+    # live on x's device
+    lambda_l = _on_device(self.frod_lambda_l[adapter], device)
+    s_values = _on_device(self.frod_lambda_s_values[adapter], device)
     base_layer = self.get_base_layer()
     dropout = self.frod_dropout[adapter]
 
@@ -55,7 +56,7 @@ def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
             self._offload_base_weight_to_cpu()
         bias = base_layer.bias
         if bias is not None:
-            bias = bias.to(device=x.device)
+            bias = _on_device(bias, device)
         result = frod_linear(x, V, U, lambda_l, s_values, s_indices, bias, layout=packed)
     else:
         # PEFT's terms in PEFT's order: the base layer runs before dropout draws its mask
@@ -65,7 +66,11 @@ def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         out_add = frod_linear(h, V, U, lambda_l, s_values, s_indices, layout=packed)
         base_weight = transpose(base_layer.weight, self.fan_in_fan_out).to(device=x.device, dtype=x.dtype)
         result = result + out_add - F.linear(h, base_weight)
-    return result.to(previous_dtype)
+    return result if result.dtype == dtype else result.to(dtype)
+
+
+def _on_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return t if t.device == device else t.to(device=device)
 
 
 def _fusable_adapter(layer, x) -> Optional[str]:
