@@ -1,4 +1,4 @@
-// Row gather with diagonal (DESIGN.md section 6, family 1): the full-rank update C^T, the few-token forward t^T and
+// Row gather with diagonal (docs/DESIGN.md section 6, family 1): the full-rank update C^T, the few-token forward t^T and
 // the backward dz^T. One warp per output row, no atomics: each output element is summed in one fixed order.
 #include "common.cuh"
 

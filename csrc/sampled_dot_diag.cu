@@ -1,4 +1,4 @@
-// Sampled dot with diagonal (DESIGN.md section 6, family 2): dS and dlambda in one pass, no atomics. A warp owns
+// Sampled dot with diagonal (docs/DESIGN.md section 6, family 2): dS and dlambda in one pass, no atomics. A warp owns
 // one row r of P, keeps its slice of P[r] in registers and dots it with Q[r] (the diagonal) and with Q[src[k]] for
 // every nonzero k of the row. Rows longer than one segment are split into segments written as partial sums and
 // added up in a second pass in segment order, so the result does not depend on scheduling.

@@ -1,14 +1,15 @@
 """Input checks for the public entry points: every error names the argument, what it got and what was expected.
 
-Shape, dtype, device and pattern checks always run (host-side metadata, checked once per tensor state for the
-frozen tensors, plus one pass over the pattern when its layout is first built). Non-finite checks read tensor data, which on a GPU costs a device sync per checked
-tensor, so they have a switch, :func:`set_checks` / :func:`checks` (or ``FROD_CHECK_FINITE=auto|1|0``):
+Shape, dtype, device and pattern checks always run (host-side metadata, checked once per state of the arguments,
+plus one pass over the pattern when its layout is first built). Non-finite checks read tensor data, which on a GPU
+costs a device sync per checked tensor, so they have a switch, :func:`set_checks` / :func:`checks` (or
+``FROD_CHECK_FINITE=auto|1|0``):
 
 * ``"auto"`` (default): only what costs no per-step sync. The frozen ``V`` and ``U`` are checked once per tensor
   version on any device (one sync per layer per process on a GPU, then never again); the trainable ``lambda_l``,
   ``s_values`` and ``bias`` (``in + nnz + out`` elements, noise next to any matmul) are checked once per version
-  (each optimizer step writes them) when they live on the CPU, where reading them needs no sync. ``FrodLinear.from_linear`` and
-  ``replace_linears`` check the base weights once when they build the projections.
+  (each optimizer step writes them) when they live on the CPU, where reading them needs no sync.
+  ``FrodLinear.from_linear`` and ``replace_linears`` check the base weights once when they build the projections.
 * ``True``: every tensor input, ``x`` included, on every call and every device (a sync per call on a GPU): for
   hunting where a NaN enters.
 * ``False``: none (shape and pattern checks still run).

@@ -1,5 +1,5 @@
 """Independent float64 reference of a FRoD layer and of PEFT's eigenproblem behind V, and the tolerances of
-DESIGN.md section 5.
+docs/DESIGN.md section 5.
 
 Dense math only, on the CPU: it shares no code with the engine or the backends, so a bug there cannot hide here.
 Used by the tests and by frod-bench's check suite.
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-# Relative error ||a - ref|| / ||ref|| allowed against the float64 reference (DESIGN.md section 5).
+# Relative error ||a - ref|| / ||ref|| allowed against the float64 reference (docs/DESIGN.md section 5).
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 # tf32 matmuls or Triton's default float32 dot.
 TOLERANCE_TF32 = 1e-3
@@ -71,7 +71,7 @@ def reference_sampled_dot_diag(P, Q, ptr, src) -> tuple[torch.Tensor, torch.Tens
 
 
 def reference_frod_eigenproblem(weights, regularization_alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """PEFT's construction of a category's V (DESIGN.md section 1) in float64, stopped before its eigh: ``(R, T)``
+    """PEFT's construction of a category's V (docs/DESIGN.md section 1) in float64, stopped before its eigh: ``(R, T)``
     with ``A = Q R`` the stacked weights (each (out, in), at least as many rows as columns in all) and
     ``T = mean_l inv(Q_l^T Q_l + alpha I)``, so that PEFT's V is ``R^T eigvecs(T)``, eigenvalues ascending."""
     A = torch.cat([w.detach().double().cpu() for w in weights])

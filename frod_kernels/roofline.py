@@ -1,6 +1,6 @@
 """The engine on paper: FLOPs and bytes of every step of every path, and the time a GPU's roofline allows.
 
-Each step of :mod:`frod_kernels.engine` is one kernel (a dense GEMM, or one of the two kernel families of DESIGN.md
+Each step of :mod:`frod_kernels.engine` is one kernel (a dense GEMM, or one of the two kernel families of docs/DESIGN.md
 section 6). Its floor is the slowest of three rates:
 
     max(flops / peak, hbm_bytes / hbm_bandwidth, l2_bytes / l2_bandwidth)

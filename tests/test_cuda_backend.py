@@ -1,5 +1,5 @@
 """The CUDA C++ backend (csrc/): how it reports why it cannot run, its schemas and argument checks, and both kernels
-against the float64 reference (DESIGN.md section 5) over odd row lengths, aligned and misaligned row strides: on a
+against the float64 reference (docs/DESIGN.md section 5) over odd row lengths, aligned and misaligned row strides: on a
 GPU through the torch glue, kernel by kernel and through every path; on the CPU, the same kernel and launcher source
 run by csrc/simt_host.h (a warp emulation), wherever a C++ compiler and the CUDA headers are found."""
 

@@ -55,7 +55,7 @@ def check_example(example, backend, device):
     ref = reference_grads(x, V, U, lam, s, si, b, grad_out)
     # Every quantity is a sum of products; with everything replaced by its absolute value the reference gives the
     # size of the terms before they cancel. A random draw can cancel a one-element output (out = 1, one token) far
-    # below its terms, where DESIGN.md's relative tolerance (about 10 units of roundoff of the half dtypes) no
+    # below its terms, where docs/DESIGN.md's relative tolerance (about 10 units of roundoff of the half dtypes) no
     # longer covers the roundoff of the terms themselves: the denominator is at least a tenth of that size.
     mags = reference_grads(*(None if t is None else t.abs() for t in (x, V, U, lam, s)), si,
                            None if b is None else b.abs(), grad_out.abs())

@@ -48,8 +48,9 @@ class Recorder:
         assert self.calls, "no kernel-family call was made"
         for op, name, t in self.calls:
             if t.shape[1] > 1 and t.stride(1) != 1:
-                assert t.shape[1] < FEW and t.stride() == (1, t.shape[0]) and all(
-                    t.data_ptr() != u.data_ptr() for u in never_transposed), f"{op} read {name} with strides {t.stride()}"
+                transposed_product = t.shape[1] < FEW and t.stride() == (1, t.shape[0])
+                assert transposed_product and all(t.data_ptr() != u.data_ptr() for u in never_transposed), \
+                    f"{op} read {name} with strides {t.stride()}"
                 continue
             assert t.stride(0) >= t.shape[1], f"{op} read {name} with overlapping rows, strides {t.stride()}"
 

@@ -192,7 +192,7 @@ def test_missing_or_stale_sidecar_warns(tmp_path):
 
 def test_plain_peft_loads_a_checkpoint_with_sidecar(tmp_path):
     """Plain PEFT ignores the sidecar. Its forward is not the fused one that computed ``y``, so the outputs agree to
-    float32 rounding (DESIGN.md section 5), not bitwise: the two sum in other orders, and BLAS picks its kernels by
+    float32 rounding (docs/DESIGN.md section 5), not bitwise: the two sum in other orders, and BLAS picks its kernels by
     machine."""
     base_state, path, y = _saved(tmp_path)
     assert (path / SIDECAR_NAME).is_file()

@@ -249,3 +249,40 @@ def test_runtime_offload_base_weight_cuda():
     assert layer.base_layer.weight.device.type == "cpu"  # offloaded: the fused path does not need it
     model.train()
     assert_same(model, _x().cuda())  # dropout active: PEFT's terms need the base weight back on the GPU
+
+
+def test_disable_restores_exactly_what_enable_replaced():
+    # a stand-in for a PEFT release that defines __init__ on the class itself, and inherits inject_adapter
+    from frod_kernels.peft.patch import Patches
+
+    class Base:
+        def inject_adapter(self):
+            return "base inject"
+
+    class Model(Base):
+        def __init__(self):
+            self.built = "own init"
+
+        def forward(self):
+            return "own forward"
+
+    own_init, own_forward = vars(Model)["__init__"], vars(Model)["forward"]
+    patches = Patches([(Model, "__init__", lambda self: None), (Model, "inject_adapter", lambda self: "patched"),
+                       (Model, "forward", lambda self: "patched")])
+    for _ in range(2):  # installing twice must not record the replacements as the originals
+        patches.install()
+    assert Model().inject_adapter() == "patched" and not hasattr(Model(), "built")
+    patches.uninstall()
+    assert vars(Model)["__init__"] is own_init and vars(Model)["forward"] is own_forward
+    assert "inject_adapter" not in vars(Model) and Model().inject_adapter() == "base inject"
+    assert Model().built == "own init"
+
+
+def test_disable_leaves_peft_classes_as_they_were():
+    from frod_kernels.peft.state import FrodLayer, FrodModel, Linear, PeftModel
+
+    classes = (Linear, FrodModel, FrodLayer, PeftModel)
+    before = [dict(vars(c)) for c in classes]
+    fkp.enable()
+    fkp.disable()
+    assert [dict(vars(c)) for c in classes] == before

@@ -47,7 +47,8 @@ from .state import (
     set_autotune,
 )
 
-__all__ = ["FORMAT", "MEASURED_DEVICE_TYPES", "auto_kernel", "backend_key", "chosen", "clear", "explain", "get_autotune", "measures", "path_key",
+__all__ = ["FORMAT", "MEASURED_DEVICE_TYPES", "auto_kernel", "backend_key", "chosen", "clear", "explain",
+           "get_autotune", "measures", "path_key",
            "pick_path", "set_autotune", "set_timer", "time_once"]
 
 

@@ -3,7 +3,7 @@
 A fast wrong kernel must not hide in the timing table: each candidate (a backend under each forced path, or any
 callable passed in) computes ``y`` and the gradients of ``x``, ``lambda_l``, ``s_values`` and ``bias`` on fresh
 random data, and each is compared with :func:`frod_kernels.reference.reference_grads` by relative error against
-the tolerances of DESIGN.md section 5. :func:`run` raises :class:`CheckFailed`, naming every failing
+the tolerances of docs/DESIGN.md section 5. :func:`run` raises :class:`CheckFailed`, naming every failing
 backend/path/tensor, after checking them all.
 """
 
@@ -36,7 +36,7 @@ class CheckFailed(RuntimeError):
                  f"{f['rel_err']:.3g} > tolerance {f['tolerance']:.3g}" if f.get("rel_err") is not None else
                  f"{f['candidate']} {f['n_in']}x{f['n_out']} b={f['tokens']} {f['dtype']}: {f['error']}"
                  for f in failures]
-        super().__init__("frod-bench check FAILED (output or gradients outside the DESIGN.md section 5 tolerance):"
+        super().__init__("frod-bench check FAILED (output or gradients outside the docs/DESIGN.md section 5 tolerance):"
                          "\n  " + "\n  ".join(lines))
 
 
@@ -87,7 +87,7 @@ def random_problem(n_in: int, n_out: int, tokens: int, dtype: torch.dtype, devic
 
 def tolerance(dtype: torch.dtype, device: torch.device, backend: Optional[str]) -> float:
     """The allowed relative error of ``backend``'s result (None: not one backend's) against float64."""
-    # Triton's float32 dot is tf32 by default; DESIGN.md section 5 allows 1e-3 for it.
+    # Triton's float32 dot is tf32 by default; docs/DESIGN.md section 5 allows 1e-3 for it.
     if dtype == torch.float32 and device.type == "cuda" and backend != "torch":
         return TOLERANCE_TF32
     return TOLERANCE[dtype]

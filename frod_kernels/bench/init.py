@@ -236,7 +236,8 @@ def measure_in_subprocess(method: str, route: str, hidden: int, layers: int, dty
     (row fields, tensors or None unless ``keep`` or cached, the filling setup's tensors or None)."""
     with tempfile.TemporaryDirectory(prefix="frod-bench-init-") as tmp:
         def worker(out: str, fill: bool) -> dict:
-            cmd = [sys.executable, "-m", "frod_kernels.bench.init_cli", "--_worker", method, "--_route", route, "--hidden", str(hidden),
+            cmd = [sys.executable, "-m", "frod_kernels.bench.init_cli", "--_worker", method, "--_route", route,
+                   "--hidden", str(hidden),
                    "--layers", str(layers), "--dtype", dtype_name(dtype), "--repeats", str(1 if fill else repeats),
                    "--sparse-rate", str(sparse_rate), "--seed", str(seed), "--_out", out]
             cmd += ["--threads", str(threads)] if threads else []

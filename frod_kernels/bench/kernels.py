@@ -1,4 +1,4 @@
-"""Kernels suite: each kernel-family op (DESIGN.md section 6) on every backend that can run here, side by side,
+"""Kernels suite: each kernel-family op (docs/DESIGN.md section 6) on every backend that can run here, side by side,
 at the engine's shapes, each result checked against its float64 twin (:mod:`frod_kernels.reference`).
 
 * ``frod::row_gather_diag``: ``out[r] = diag[r] A[r] + sum_k weights[k] A[src[k]]``, A (in x m): the few-token
@@ -11,7 +11,7 @@ The pattern is PEFT's kind (random, off-diagonal, unsorted) at 1% density, group
 (:data:`.sizes.U_T`). Backends are timed in interleaved rounds; on a GPU each call is timed with CUDA events behind
 a spin kernel, so the events see the kernel and not the host's launch. Effective bandwidth counts compulsory bytes:
 every operand read once and every result written once (:func:`compulsory_bytes`); on a GPU it is also given as a
-fraction of the device's measured copy bandwidth. A result outside the DESIGN.md section 5 tolerance marks its row
+fraction of the device's measured copy bandwidth. A result outside the docs/DESIGN.md section 5 tolerance marks its row
 WRONG and makes frod-bench exit 1.
 """
 

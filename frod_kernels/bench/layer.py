@@ -9,7 +9,7 @@ PEFT's layer is built with :func:`~frod_kernels.bench.peft_models.fast_projectio
 the time of a forward+backward does not depend on V's values, and PEFT's own setup, timed by the init suite, takes
 minutes for the widest shapes.
 
-FLOPs, for the "fraction of matmul peak" column: the minimum of DESIGN.md section 3, the materialized path's
+FLOPs, for the "fraction of matmul peak" column: the minimum of docs/DESIGN.md section 3, the materialized path's
 three GEMMs of ``b * in * out`` multiply-adds (forward, ``dx``, and the weight-shaped gradient that ``dlambda`` and
 ``dS`` are read from), so ``6 * b * in * out`` FLOPs for every adapted method; ``4 * b * in * out`` for the frozen
 layer (forward and ``dx``). LoRA's rank-32 extra work is not counted, so its fraction is slightly understated.

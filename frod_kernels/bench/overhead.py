@@ -1,6 +1,6 @@
 """Overhead suite: host time and dispatched ops of one forward+backward at a shape too small for any kernel to
 matter (64 -> 64, 8 tokens, float32), method by method on one base layer: what a layer costs in Python and
-dispatch around its kernels (DESIGN.md section 6: "host time is part of the cost model").
+dispatch around its kernels (docs/DESIGN.md section 9, host time).
 
 Methods: a frozen ``nn.Linear`` (backward to the input only), PEFT LoRA r=8, PEFT FRoD, a second PEFT FRoD layer
 after ``frod_kernels.peft.accelerate``, ``fk.FrodLinear.from_linear`` and ``fk.frod_linear`` under each forced

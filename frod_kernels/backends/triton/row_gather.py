@@ -1,4 +1,4 @@
-"""Row gather with diagonal (DESIGN.md section 6, family 1), Triton.
+"""Row gather with diagonal (docs/DESIGN.md section 6, family 1), Triton.
 
 ``out[r] = diag[r] * A[r] + sum_{k in [ptr[r], ptr[r+1])} weights[k] * A[src[k]]``, A of shape (n, m).
 

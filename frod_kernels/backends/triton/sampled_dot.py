@@ -1,4 +1,4 @@
-"""Sampled dot with diagonal (DESIGN.md section 6, family 2), Triton: SDDMM fused with the diagonal gradient.
+"""Sampled dot with diagonal (docs/DESIGN.md section 6, family 2), Triton: SDDMM fused with the diagonal gradient.
 
 ``vals[k] = <P[a_k], Q[src[k]]>`` for each nonzero k (``a_k``: the row whose group holds k) and
 ``diag[j] = <P[j], Q[j]>``, P and Q of shape (n, m); ``dS`` and ``dlambda`` in one pass over P and Q.
