@@ -69,11 +69,77 @@ def _fresh_seed(request):
     yield
 
 
+# FROD_REQUIRE_BACKENDS=triton,cuda: backends that must run on this machine's device (the GPU where there is one,
+# else the CPU). On a GPU machine a backend that did not build or load would otherwise turn hundreds of tests into
+# skips and leave the run green; with the variable set, each such skip fails with its reason, and the session fails
+# even where no test would have skipped.
+REQUIRE_VAR = "FROD_REQUIRE_BACKENDS"
+REQUIRED = [b.strip() for b in os.environ.get(REQUIRE_VAR, "").split(",") if b.strip()]
+
+
+def _device_type() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def missing_required_backends() -> dict[str, str]:
+    """Each backend that FROD_REQUIRE_BACKENDS names and that cannot run on this machine's device, with the reason."""
+    from frod_kernels._backends import unavailable_reason
+
+    device = _device_type()
+    return {b: r for b in REQUIRED if (r := unavailable_reason(b, device)) is not None}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "frod_backend(name): a skip of this test means backend `name` was not "
+                                       f"exercised; it fails where {REQUIRE_VAR} names that backend")
+    from frod_kernels._backends import BACKENDS
+
+    unknown = sorted(set(REQUIRED) - set(BACKENDS))
+    if unknown:
+        raise pytest.UsageError(f"{REQUIRE_VAR} names unknown backends {unknown}; known: {list(BACKENDS)}")
+
+
+def pytest_report_header(config):
+    if REQUIRED:
+        missing = missing_required_backends()
+        return [f"{REQUIRE_VAR}: {', '.join(REQUIRED)} required on {_device_type()}; "
+                + ("; ".join(f"{b} cannot run: {r}" for b, r in missing.items()) if missing else "all can run")]
+
+
+def _required_skip(item, report) -> "str | None":
+    """Why this skipped test must fail instead (FROD_REQUIRE_BACKENDS), or None."""
+    message = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    for backend, reason in missing_required_backends().items():
+        if reason in message:
+            return f"{REQUIRE_VAR} requires backend {backend!r}, which cannot run on {_device_type()}: {reason}"
+    for mark in item.iter_markers("frod_backend"):
+        for backend in set(mark.args) & set(REQUIRED):
+            return f"{REQUIRE_VAR} requires backend {backend!r}, and this test skipped: {message}"
+    return None
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
+    if report.skipped and REQUIRED and not hasattr(report, "wasxfail"):
+        why = _required_skip(item, report)
+        if why is not None:
+            report.outcome = "failed"
+            report.longrepr = why
     if report.failed:
         for key, value in item.user_properties:
             if key == "seed":
                 report.sections.append(("seed", f"FROD_TEST_SEED={value} reproduces this test's random data"))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if REQUIRED and missing_required_backends():
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter):
+    if REQUIRED:
+        for backend, reason in missing_required_backends().items():
+            terminalreporter.write_line(f"{REQUIRE_VAR}: backend {backend!r} cannot run on {_device_type()}: "
+                                        f"{reason}", red=True, bold=True)

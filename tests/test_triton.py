@@ -148,6 +148,36 @@ def test_row_gather_is_deterministic(device):
     assert torch.equal(_triton("row_gather_diag", *args), _triton("row_gather_diag", *args))
 
 
+def test_gather_reads_a_row_contiguous_a():
+    from frod_kernels.triton import row_gather
+
+    n, m = 37, 129
+    lay = build_layout(random_pattern(n, 90, torch.Generator().manual_seed(torch.seed() % 2**31)), n)
+    A = _operand(n, m, torch.float32, "cpu", strided=True)
+    out = torch.empty(n, m)
+    _, args, _ = row_gather.kernel_launch(A, torch.rand(n), torch.randn(90), lay.col_ptr, lay.col_src, out)
+    assert args[0].stride(1) == 1 and torch.equal(args[0], A)
+    one_col = _operand(n, 1, torch.float32, "cpu", strided=True)  # any stride serves a single column
+    _, args, _ = row_gather.kernel_launch(one_col, torch.rand(n), torch.randn(90), lay.col_ptr, lay.col_src, out)
+    assert args[0] is one_col
+
+
+def test_sampled_dot_tunes_per_operand_layout():
+    from frod_kernels.triton import sampled_dot
+
+    assert "layout_key" in sampled_dot._KERNEL.keys
+    n, m = 37, 129
+    lay = build_layout(random_pattern(n, 90, torch.Generator().manual_seed(torch.seed() % 2**31)), n)
+    vals, diag = torch.empty(1, 90), torch.empty(1, n)
+    classes = set()
+    for p_strided in (False, True):
+        for q_strided in (False, True):
+            P, Q = (_operand(n, m, torch.float32, "cpu", st) for st in (p_strided, q_strided))
+            _, args, _ = sampled_dot.kernel_launch(P, Q, lay.row_ptr, lay.row_src, vals, diag)
+            classes.add(args[sampled_dot._KERNEL.fn.arg_names.index("layout_key")])
+    assert len(classes) == 4
+
+
 def _check_layer(problem, dtype, path):
     # test_op's check, on any device, plus the torch backend as a second twin
     x, V, U, lam, s, si, b = problem

@@ -22,7 +22,8 @@ import triton  # noqa: E402
 from frod_kernels.backends.triton import compile_report  # noqa: E402
 
 _REASON = compile_report.unavailable()
-pytestmark = pytest.mark.skipif(_REASON is not None, reason=str(_REASON))
+# frod_backend: under FROD_REQUIRE_BACKENDS=triton, a Triton that cannot compile for the GPUs fails these tests.
+pytestmark = [pytest.mark.skipif(_REASON is not None, reason=str(_REASON)), pytest.mark.frod_backend("triton")]
 
 KERNELS = sorted({kernel for kernel, _ in compile_report.LAUNCHES})
 
@@ -90,19 +91,30 @@ def test_check_accepts_the_largest_block_that_fits():
 
 
 def test_a_register_hungry_config_is_caught_from_a_real_compile():
-    # 16 x 128 float32 elements and their gathered rows on one warp: 64 a thread, more than 255 registers hold.
-    code = ("import torch, triton; from frod_kernels.backends.triton import compile_report as cr; "
-            "cfg = triton.Config({'BLOCK_R': 16, 'BLOCK_M': 128}, num_warps=1); "
-            "r = cr.measure('row_gather', 'rows', 'x16', torch.float32, cfg, 90, None); print(r.failures)")
+    # A config that no register allocator can fit, whatever the compiler: its float32 accumulator alone (live across
+    # the gather loop) is twice the registers it may use, so the spills the report must catch are certain.
+    tile, warps, budget = (32, 128), 1, 64
+    assert tile[0] * tile[1] // (32 * warps) == 2 * budget
+    code = ("import json, torch, triton; from frod_kernels.backends.triton import compile_report as cr; "
+            f"cfg = triton.Config({{'BLOCK_R': {tile[0]}, 'BLOCK_M': {tile[1]}}}, num_warps={warps}, "
+            f"maxnreg={budget}); "
+            "r = cr.measure('row_gather', 'rows', 'x16', torch.float32, cfg, 90, None); "
+            "print(json.dumps([r.regs, r.failures]))")
     proc = subprocess.run([sys.executable, "-c", code], env=_compiling_env(), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    failures = proc.stdout.strip().splitlines()[-1]
-    assert "spills" in failures and "local memory" in failures, failures
+    regs, failures = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert regs <= budget, regs
+    assert any("spills" in f for f in failures) and any("local memory" in f for f in failures), failures
 
 
 def test_configs_are_the_gpu_lists_even_under_the_interpreter():
     from frod_kernels.backends.triton import row_gather
 
-    assert compile_report.configs("row_gather", "cols") is row_gather._COLS_CONTIGUOUS.gpu_configs
+    assert compile_report.configs("row_gather", "rows") is row_gather._KERNEL.gpu_configs
     assert len(compile_report.configs("row_gather", "rows")) > 1
     assert all(isinstance(c, triton.Config) for c in compile_report.configs("sampled_dot", "rows"))
+
+
+def test_the_gather_compiles_for_one_layout_of_a():
+    # A strided A (U.t()) is copied row-major before its launch (tests/test_triton.py checks the copy).
+    assert [layout for kernel, layout in compile_report.LAUNCHES if kernel == "row_gather"] == ["rows"]

@@ -128,8 +128,9 @@ def _u_t(p, dtype):
 
 # (kernel, layout) -> (problem, dtype) -> (autotuner, args, kwargs): one entry per kind of launch in engine.py.
 LAUNCHES = {
-    ("row_gather", "rows"): lambda p, dt: _row_gather(p, _feature_major(p, dt)),  # t^T from z^T, dz^T from dt^T
-    ("row_gather", "cols"): lambda p, dt: _row_gather(p, _u_t(p, dt)),  # C^T from U^T
+    # t^T from z^T, dz^T from dt^T, and C^T from U^T: the gather makes every A row-contiguous before its launch,
+    # so the feature-major operand's launch (in x tokens) stands for all of them.
+    ("row_gather", "rows"): lambda p, dt: _row_gather(p, _feature_major(p, dt)),
     # factored path: dt^T, z^T
     ("sampled_dot", "rows"): lambda p, dt: _sampled_dot(p, _feature_major(p, dt), _feature_major(p, dt)),
     # materialized path: U^T and (dW' V)^T, in x out with rows contiguous

@@ -8,17 +8,10 @@ masked), gathering one BLOCK_M-wide segment of a source row per row per step and
 for float64) registers. Every output element is written by exactly one program and summed in the layout's order
 (ascending src within a group): no atomics, the same bits on every run of a tuned shape.
 
-Two layouts of A arrive, and each gets its own tile shapes and its own autotune table:
-
-* rows contiguous (z^T, dt^T: in x b, the apply steps): short and wide tiles (BLOCK_M up to 512) so every gather
-  is one coalesced segment of a source row; for few tokens (b = 1..16) tall narrow tiles keep the program busy.
-* columns contiguous (U^T for the full-rank update C^T = lambda * U^T + S^T U^T): tiles tall along A's contiguous
-  dimension (BLOCK_R up to 256), so the diagonal term reads U with coalesced loads and the store of C^T (row-major)
-  is coalesced along its columns. The grid runs the row-blocks fastest, so the programs in flight share one block
-  of columns of A (= BLOCK_M rows of U), which then stays in L2 while its gathers are served: U is meant to come
-  from DRAM once. Each gathered element of such an A is its own 32-byte sector, though (the gather walks A's
-  strided dimension); whether that L2 traffic beats a transposed copy of U (1x extra read+write, then fully
-  coalesced gathers) is the first thing to measure on a GPU.
+A's rows are always contiguous here: a gather reads whole row segments, so each one is a coalesced load. An A with
+strided rows (U.t() of a row-major U) is copied row-major once before the launch, as the CUDA C++ glue does: read
+through its strides, each gathered element would be its own 32-byte sector. So there is one tile table, short and
+wide tiles (BLOCK_M up to 512) for many tokens and tall narrow ones for few (b = 1..16).
 """
 
 from __future__ import annotations
@@ -31,31 +24,38 @@ from ._common import INTERPRET, acc_dtype, autotune, bucket
 
 
 @triton.jit
-def _row_gather_diag_kernel(A, diag, weights, ptr, src, out, n, m, stride_an, stride_am, m_key, n_key,
+def _row_gather_diag_kernel(A, diag, weights, ptr, src, out, n, m, stride_an, m_key, n_key, deg_key,
                             ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr):
-    # 64-bit row and column indices: n * m (and a strided A's span) may pass 2^31 elements.
+    # 64-bit row and column indices: n * m (and a padded A's span) may pass 2^31 elements.
     # One grid axis (CUDA caps axis 1 at 65535 blocks, which many tokens in small column tiles would pass), with
     # the row-blocks running fastest.
     pid = tl.program_id(0).to(tl.int64)
     n_row_blocks = tl.cdiv(n, BLOCK_R)
-    rows = (pid % n_row_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = (pid // n_row_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # Per-row values (group bounds, diagonal, index, weight, masks) are (BLOCK_R, 1) columns of the tile, never 1-D
+    # vectors: Triton 3.6's layout-conversion pass rematerializes a 1-D value that feeds both a 1-D load and a 2-D
+    # one in several layouts and then pairs a load's pointer with the mask of another copy ("'tt.load' op failed to
+    # verify that mask type matches ptr type").
+    rows = (pid % n_row_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
+    cols = (pid // n_row_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
     rmask = rows < n
-    cmask = cols[None, :] < m
-    col_off = cols[None, :] * stride_am
-
+    cmask = cols < m
     start = tl.load(ptr + rows, mask=rmask, other=0)
-    deg = tl.load(ptr + rows + 1, mask=rmask, other=0) - start
+    end = tl.load(ptr + rows + 1, mask=rmask, other=0)
     d = tl.load(diag + rows, mask=rmask, other=0).to(ACC)
-    a = tl.load(A + rows[:, None] * stride_an + col_off, mask=rmask[:, None] & cmask, other=0).to(ACC)
-    acc = a * d[:, None]
-    for k in range(0, tl.max(deg, axis=0)):
-        live = k < deg
-        s = tl.load(src + start + k, mask=live, other=0)
-        w = tl.load(weights + start + k, mask=live, other=0).to(ACC)
-        g = tl.load(A + s[:, None] * stride_an + col_off, mask=live[:, None] & cmask, other=0).to(ACC)
-        acc += w[:, None] * g
-    tl.store(out + rows[:, None] * m + cols[None, :], acc.to(out.dtype.element_ty), mask=rmask[:, None] & cmask)
+    acc = d * tl.load(A + rows * stride_an + cols, mask=rmask & cmask, other=0).to(ACC)
+    # Software-pipelined by one step: the next (src, weight) pair is loaded before this step's gather, so the
+    # gather's address never waits on an index load issued in the same step.
+    live = start < end
+    s = tl.load(src + start, mask=live, other=0)
+    w = tl.load(weights + start, mask=live, other=0).to(ACC)
+    for k in range(0, tl.max(end - start)):
+        nxt = start + (k + 1)
+        live_next = nxt < end
+        s_next = tl.load(src + nxt, mask=live_next, other=0)
+        w_next = tl.load(weights + nxt, mask=live_next, other=0).to(ACC)
+        acc += w * tl.load(A + s * stride_an + cols, mask=live & cmask, other=0).to(ACC)
+        s, w, live = s_next, w_next, live_next
+    tl.store(out + rows * m + cols, acc.to(out.dtype.element_ty), mask=rmask & cmask)
 
 
 def _prune(configs, named_args, **kwargs):
@@ -65,37 +65,39 @@ def _prune(configs, named_args, **kwargs):
     return fit or configs[:1]
 
 
+# Registers a thread may use. Left to itself, ptxas (12.8 and 12.9, sm_80 and sm_90) trades a few bytes of spills
+# for occupancy at 40 or 56 registers, keeping a value that only the store after the loop reads in local memory; with
+# a stated budget it allocates what the loop needs. 160: what tall tiles need for sizes that are not multiples of 16
+# (each lane gathers 8 rows, one unvectorized load each, ptxas unrolls 4 steps); 8 warps of it fit an SM's 65,536.
+_MAX_REGS = 160
+
+
 def _cfg(br, bm, warps, stages=2):
-    return triton.Config({"BLOCK_R": br, "BLOCK_M": bm}, num_warps=warps, num_stages=stages)
+    return triton.Config({"BLOCK_R": br, "BLOCK_M": bm}, num_warps=warps, num_stages=stages, maxnreg=_MAX_REGS)
 
 
-# sm_80/sm_90: 2-8 warps, at most 32 fp32 elements of the tile per thread, 2-3 stages so the next gather is in
-# flight while this one's FMAs run. tests/test_triton_compile.py compiles every config for both GPUs and fails on
-# spills (python -m frod_kernels.triton.compile_report prints registers, spills, shared memory and occupancy).
-_ROWS_CONTIGUOUS = autotune(
+# sm_80/sm_90: 2-8 warps, at most 32 fp32 elements of the tile per thread. tests/test_triton_compile.py compiles every
+# config for both GPUs with every Triton of CI's matrix and fails on spills (python -m
+# frod_kernels.triton.compile_report prints registers, spills, shared memory and occupancy).
+# Key: the size classes and the mean group length (the gathers per output row); Triton's autotuner adds every
+# tensor argument's dtype. A has one layout (rows contiguous), so the layout needs no key.
+_KERNEL = autotune(
     [_cfg(1, 256, 2), _cfg(1, 512, 4), _cfg(2, 512, 4), _cfg(4, 256, 4), _cfg(4, 512, 8, 3), _cfg(8, 128, 4),
      _cfg(16, 64, 4), _cfg(32, 32, 4), _cfg(64, 16, 4), _cfg(128, 16, 8)],
-    _cfg(8, 32, 4), key=["m_key", "n_key"], prune=_prune,
-)(_row_gather_diag_kernel)
-
-# No 256 x 32 tile: at 8 warps sm_80's ptxas held it to 128 registers a thread and spilled (16-bit data, sizes not
-# multiples of 16); at 16 warps it spilled everywhere.
-_COLS_CONTIGUOUS = autotune(
-    [_cfg(64, 32, 4), _cfg(128, 32, 4), _cfg(64, 64, 8), _cfg(32, 128, 8), _cfg(256, 16, 4), _cfg(128, 16, 2)],
-    _cfg(16, 16, 4), key=["m_key", "n_key"], prune=_prune,
+    _cfg(8, 32, 4), key=["m_key", "n_key", "deg_key"], prune=_prune,
 )(_row_gather_diag_kernel)
 
 
 def kernel_launch(A: torch.Tensor, diag: torch.Tensor, weights: torch.Tensor, ptr: torch.Tensor, src: torch.Tensor,
                   out: torch.Tensor):
-    """The autotuner that serves A's layout, with its launch arguments: what :func:`row_gather_diag` launches and
-    what :mod:`.compile_report` compiles for a GPU, so both see the same specialization."""
+    """The autotuner with its launch arguments: what :func:`row_gather_diag` launches and what
+    :mod:`.compile_report` compiles for a GPU, so both see the same specialization."""
     n, m = A.shape
-    # A column-contiguous A (U.t()) is read through its strides, never copied.
-    kernel = _COLS_CONTIGUOUS if A.stride(0) == 1 and A.stride(1) != 1 else _ROWS_CONTIGUOUS
+    if m > 1 and A.stride(1) != 1:
+        A = A.contiguous()
     args = (A, diag.contiguous(), weights.contiguous(), ptr.contiguous(), src.contiguous(), out, n, m, A.stride(0),
-            A.stride(1), bucket(m), bucket(n))
-    return kernel, args, {"ACC": acc_dtype(A.dtype)}
+            bucket(m), bucket(n), bucket(triton.cdiv(src.shape[0], max(n, 1))))
+    return _KERNEL, args, {"ACC": acc_dtype(A.dtype)}
 
 
 def row_gather_diag(A: torch.Tensor, diag: torch.Tensor, weights: torch.Tensor, ptr: torch.Tensor,

@@ -32,8 +32,8 @@ MAX_SPLITS = 16
 
 @triton.jit
 def _sampled_dot_diag_kernel(P, Q, ptr, src, vals, diag, n, m, nnz, chunk, stride_pn, stride_pm, stride_qn, stride_qm,
-                             m_key, deg_key, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                             BLOCK_M: tl.constexpr):
+                             m_key, deg_key, layout_key, ACC: tl.constexpr, BLOCK_R: tl.constexpr,
+                             BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     split = tl.program_id(1).to(tl.int64)
     m_lo = split * chunk
@@ -78,11 +78,18 @@ def _cfg(br, bk, bm, warps, stages=2):
 # sm_80/sm_90: the 3-D tile stays at 4096 elements per program, 16-32 per thread, so acc and the gathered Q tile fit
 # in registers. The 4 x 8 x 128 and 32 x 8 x 16 tiles take 8 warps: at 4, sm_80's ptxas spilled them (float32, or
 # sizes not multiples of 16). tests/test_triton_compile.py compiles every config for both GPUs and fails on spills.
+# Key: the size classes, the operands' layout (which of P and Q has contiguous rows: a tile tuned for coalesced rows
+# is the wrong one for strided rows), and, added by Triton's autotuner, every tensor argument's dtype.
 _KERNEL = autotune(
     [_cfg(1, 16, 256, 4), _cfg(1, 32, 128, 4), _cfg(1, 64, 64, 8), _cfg(2, 16, 128, 4), _cfg(4, 8, 128, 8),
      _cfg(4, 16, 64, 4), _cfg(16, 8, 32, 4), _cfg(32, 8, 16, 8), _cfg(64, 4, 16, 8), _cfg(16, 16, 16, 4)],
-    _cfg(8, 4, 32, 4), key=["m_key", "deg_key"], prune=_prune,
+    _cfg(8, 4, 32, 4), key=["m_key", "deg_key", "layout_key"], prune=_prune,
 )(_sampled_dot_diag_kernel)
+
+
+def _layout_class(P: torch.Tensor, Q: torch.Tensor) -> int:
+    """0-3: bit 0 set where P's rows are contiguous, bit 1 where Q's are (a single column counts as contiguous)."""
+    return sum(bit for bit, t in ((1, P), (2, Q)) if t.shape[1] <= 1 or t.stride(1) == 1)
 
 
 def n_splits(m: int) -> int:
@@ -99,7 +106,7 @@ def kernel_launch(P: torch.Tensor, Q: torch.Tensor, ptr: torch.Tensor, src: torc
     chunk = triton.cdiv(m, vals.shape[0])
     mean_deg = triton.cdiv(nnz, n)
     args = (P, Q, ptr.contiguous(), src.contiguous(), vals, diag, n, m, nnz, chunk, P.stride(0), P.stride(1),
-            Q.stride(0), Q.stride(1), bucket(m), bucket(mean_deg))
+            Q.stride(0), Q.stride(1), bucket(m), bucket(mean_deg), _layout_class(P, Q))
     return _KERNEL, args, {"ACC": acc_dtype(P.dtype)}
 
 
