@@ -38,7 +38,7 @@ def cuda_extensions():
         if not os.path.exists(os.path.join(CUDA_HOME, "include", "cuda_runtime.h")):
             return skip(f"CUDA_HOME={CUDA_HOME} has no include/cuda_runtime.h (set CUDA_HOME to the toolkit folder)")
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    # frod_kernels/cuda_backend.py reads this tag from the binary and refuses a build for another torch.
+    # frod_kernels/backends/cuda.py reads this tag from the binary and refuses a build for another torch.
     torch_tag = re.sub(r"[^A-Za-z0-9._]", "_", torch.__version__)
     ext = CUDAExtension(
         name="frod_kernels._C",

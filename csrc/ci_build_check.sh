@@ -55,7 +55,7 @@ echo "== loading it and comparing schemas"
 "$py" - <<'PY'
 import torch
 import frod_kernels  # noqa: F401  (defines the frod:: ops)
-from frod_kernels import cuda_backend
+from frod_kernels.backends import cuda as cuda_backend
 
 mod, reason = cuda_backend.load_extension()
 if mod is None:

@@ -20,7 +20,7 @@
 #define FROD_STR2(x) #x
 #define FROD_STR(x) FROD_STR2(x)
 
-// Read (as bytes, without loading the library) by frod_kernels/cuda_backend.py, which refuses an extension built
+// Read (as bytes, without loading the library) by frod_kernels/backends/cuda.py, which refuses an extension built
 // against another torch before importing it: a mismatched binary may fail or crash on load.
 extern "C" __attribute__((used, visibility("default"))) const char frod_cuda_build_info[] =
     "frod-kernels-cuda-build torch=" FROD_STR(FROD_TORCH_VERSION) ";";

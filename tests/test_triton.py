@@ -149,7 +149,7 @@ def test_row_gather_is_deterministic(device):
 
 
 def test_gather_reads_a_row_contiguous_a():
-    from frod_kernels.triton import row_gather
+    from frod_kernels.backends.triton import row_gather
 
     n, m = 37, 129
     lay = build_layout(random_pattern(n, 90, torch.Generator().manual_seed(torch.seed() % 2**31)), n)
@@ -163,7 +163,7 @@ def test_gather_reads_a_row_contiguous_a():
 
 
 def test_sampled_dot_tunes_per_operand_layout():
-    from frod_kernels.triton import sampled_dot
+    from frod_kernels.backends.triton import sampled_dot
 
     assert "layout_key" in sampled_dot._KERNEL.keys
     n, m = 37, 129

@@ -1,6 +1,6 @@
 """Every Triton kernel compiled for real GPUs (sm_80, sm_90) by Triton's own compiler, no GPU needed: each launch
 layout x shape class x dtype x GPU autotune config, failing on compile errors, spills, local memory, shared memory
-over the per-block limit and registers that leave no room for a config's warps (frod_kernels/triton/
+over the per-block limit and registers that leave no room for a config's warps (frod_kernels/backends/triton/
 compile_report.py). A summary per kernel, layout and arch goes to the terminal.
 
 The compiles run in a subprocess without TRITON_INTERPRET, which this suite sets on a CPU machine

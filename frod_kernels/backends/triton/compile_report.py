@@ -21,7 +21,7 @@ half-precision base (float64 for float64 data).
 Results are cached on disk, one JSON file per compile, keyed by Triton's hashes of the kernel source (with every
 jit function it calls), signature, specialization, options and backend (ptxas version, arch) plus Triton's version.
 
-    python -m frod_kernels.triton.compile_report [--kernel row_gather,sampled_dot] [--arch 80,90] [--json FILE]
+    python -m frod_kernels.backends.triton.compile_report [--kernel row_gather,sampled_dot] [--arch 80,90] [--json FILE]
         [--jobs N] [--cache-dir DIR | --no-cache]
 
 It exits non-zero if any compile fails a check. It must run in a process that compiles (``TRITON_INTERPRET``
@@ -350,7 +350,7 @@ def default_cache_dir() -> Path:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m frod_kernels.triton.compile_report", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m frod_kernels.backends.triton.compile_report", description=__doc__.split("\n")[0])
     kernels = sorted({k for k, _ in LAUNCHES})
     p.add_argument("--kernel", default=",".join(kernels), help="kernels, comma-separated (default: %(default)s)")
     p.add_argument("--arch", default=",".join(map(str, TARGETS)), help="compute capabilities (default: %(default)s)")
