@@ -98,7 +98,7 @@ else
     # shellcheck disable=SC2086 # XDIST is empty or two words
     # The compile reports are CPU work that CI already does: not on the GPU's clock.
     step tests 180 env FROD_REQUIRE_BACKENDS="$REQUIRE" "$PY" -m pytest -q -p no:cacheprovider --maxfail=20 $XDIST \
-        --ignore=tests/test_triton_compile.py --ignore=tests/test_ptxas_report.py tests
+        --ignore=tests/backends/test_triton_compile.py --ignore=tests/backends/test_ptxas_report.py tests
     # issue 18 and 21: host time per call (CPU enqueue and CUDA events) and each kernel-family op per backend; the
     # gpu preset keeps them to about a minute (its own results, so the full bench's cannot overwrite them)
     step host 90 "$PY" -m frod_kernels.bench --suite overhead,kernels --out "$OUT/host"

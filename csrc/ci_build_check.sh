@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # CI compile check of csrc/ on a machine without a GPU: builds the extension against a CUDA build of torch in its
 # own venv (reused when present), loads it, checks its op schemas against the Python ones, runs
-# tests/test_cuda_backend.py (the GPU tests skip), then compiles every .cu for sm_80 and sm_90 with -Xptxas -v and
+# tests/backends/test_cuda_backend.py (the GPU tests skip), then compiles every .cu for sm_80 and sm_90 with -Xptxas -v and
 # prints each kernel's registers, shared memory, stack frame and spills (csrc/ptxas_report.py). Exits non-zero if
 # anything fails to compile, link or load, or if any kernel spills or uses local memory.
 #
@@ -69,8 +69,8 @@ for op in ("row_gather_diag", "sampled_dot_diag"):
 print("torch.ops.frod_cuda loaded from", mod.__file__, "built for torch", mod.TORCH_VERSION)
 PY
 
-echo "== tests/test_cuda_backend.py (GPU tests skip without a GPU)"
-"$py" -m pytest -q -p no:cacheprovider tests/test_cuda_backend.py
+echo "== tests/backends/test_cuda_backend.py (GPU tests skip without a GPU)"
+"$py" -m pytest -q -p no:cacheprovider tests/backends/test_cuda_backend.py
 
 echo "== ptxas report: csrc/*.cu for sm_80 and sm_90 (-Xptxas -v); fails on spills and local memory"
 "$py" csrc/ptxas_report.py --arch 80,90

@@ -12,7 +12,7 @@
 #include "frod_cuda.h"
 
 // Every launch goes through this macro so that csrc/simt_host.h can run the same kernels and launchers on the CPU
-// (tests/test_cuda_backend.py), which defines it first.
+// (tests/backends/test_cuda_backend.py), which defines it first.
 #ifndef FROD_LAUNCH
 #define FROD_LAUNCH(grid, block, stream, ...) __VA_ARGS__<<<(grid), (block), 0, (stream)>>>
 #endif

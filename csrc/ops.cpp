@@ -145,7 +145,7 @@ std::tuple<at::Tensor, at::Tensor> sampled_dot_diag_cuda(const at::Tensor& P, co
 
 }  // namespace
 
-// Same schema strings as the Python custom ops; tests/test_cuda_backend.py checks that they stay equal.
+// Same schema strings as the Python custom ops; tests/backends/test_cuda_backend.py checks that they stay equal.
 TORCH_LIBRARY(frod_cuda, m) {
   m.def("row_gather_diag(Tensor A, Tensor diag, Tensor weights, Tensor ptr, Tensor src) -> Tensor");
   m.def("sampled_dot_diag(Tensor P, Tensor Q, Tensor ptr, Tensor src) -> (Tensor, Tensor)");

@@ -1,5 +1,5 @@
 // A CPU stand-in for the little of CUDA that csrc/*.cu uses, so that their kernels and launchers run unchanged on a
-// machine without a GPU: tests/test_cuda_backend.py compiles them with the host C++ compiler,
+// machine without a GPU: tests/backends/test_cuda_backend.py compiles them with the host C++ compiler,
 //
 //     g++ -std=c++17 -x c++ -include csrc/simt_host.h -I$CUDA_HOME/include -shared -fPIC csrc/*.cu
 //

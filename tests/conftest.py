@@ -56,6 +56,17 @@ def random_problem(n_in, n_out, nnz, lead=(7,), dtype=torch.float32, param_dtype
             s_indices.to(device), cast(b, dtype))
 
 
+def run(x, V, U, lam, s, si, b, grad_out, **kw):
+    """``frod_linear`` forward and backward on fresh leaves: (y, dx, dlambda, ds, dbias)."""
+    import frod_kernels as fk
+
+    leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (x, lam, s, b)]
+    xg, lg, sg, bg = leaves
+    y = fk.frod_linear(xg, V, U, lg, sg, si, bg, **kw)
+    y.backward(grad_out)
+    return y, xg.grad, lg.grad, sg.grad, (bg.grad if bg is not None else None)
+
+
 def tol(dtype):
     return TOLERANCE[dtype]
 
@@ -83,7 +94,7 @@ def _device_type() -> str:
 
 def missing_required_backends() -> dict[str, str]:
     """Each backend that FROD_REQUIRE_BACKENDS names and that cannot run on this machine's device, with the reason."""
-    from frod_kernels._backends import unavailable_reason
+    from frod_kernels.registry import unavailable_reason
 
     device = _device_type()
     return {b: r for b in REQUIRED if (r := unavailable_reason(b, device)) is not None}
@@ -92,11 +103,12 @@ def missing_required_backends() -> dict[str, str]:
 def pytest_configure(config):
     config.addinivalue_line("markers", "frod_backend(name): a skip of this test means backend `name` was not "
                                        f"exercised; it fails where {REQUIRE_VAR} names that backend")
-    from frod_kernels._backends import BACKENDS
+    import frod_kernels  # noqa: F401  (registers the backends)
+    from frod_kernels.registry import backends
 
-    unknown = sorted(set(REQUIRED) - set(BACKENDS))
+    unknown = sorted(set(REQUIRED) - set(backends()))
     if unknown:
-        raise pytest.UsageError(f"{REQUIRE_VAR} names unknown backends {unknown}; known: {list(BACKENDS)}")
+        raise pytest.UsageError(f"{REQUIRE_VAR} names unknown backends {unknown}; known: {backends()}")
 
 
 def pytest_report_header(config):

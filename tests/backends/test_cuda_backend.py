@@ -26,7 +26,7 @@ _EXT, _EXT_REASON = cuda_backend.load_extension()
 needs_extension = pytest.mark.skipif(_EXT is None, reason=f"extension not loadable: {_EXT_REASON}")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-CSRC = Path(__file__).resolve().parents[1] / "csrc"
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
 
 
 def test_probe_gives_a_reason_or_runs():

@@ -1,6 +1,6 @@
 """frod-bench: the check suite catches a wrong backend, the CLI writes readable results, and bench/gpu_check.sh
 dry-runs on the CPU. Tiny sizes only; speed is measured by frod-bench, never asserted here. The overhead and
-kernels suites and the command-line details: tests/test_bench_suites.py."""
+kernels suites and the command-line details: tests/benchmarks/test_bench_suites.py."""
 
 import contextlib
 import json
@@ -20,14 +20,14 @@ from frod_kernels.bench.common import Quiet, measure_peak_memory
 from frod_kernels.bench.sizes import PRESETS
 from frod_kernels.reference import TOLERANCE
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = PRESETS["tiny"]
 CPU = torch.device("cpu")
 
 
 def test_check_passes_every_backend_and_path_on_cpu():
     rows = check.run(TINY, CPU, Quiet())
-    # Triton joins under TRITON_INTERPRET=1 (tests/test_triton.py sets it for the session).
+    # Triton joins under TRITON_INTERPRET=1 (tests/backends/test_triton_backend.py sets it for the session).
     assert {f"torch/{p}" for p in check.PATHS} <= {r["candidate"] for r in rows}
     for r in rows:
         assert r["ok"] and set(r["rel_err"]) == set(check.TENSORS)
@@ -123,7 +123,7 @@ def test_cli_writes_results_plots_and_summary(tmp_path, capsys):
         # The CPU route reproduces PEFT's projections to rounding (frod_kernels/projections.py).
         assert r.get("median_ms", 0) > 0 and r["same_pattern"], r
         assert max(r[k] for k in ("rel_diff_V", "rel_diff_U", "rel_diff_lambda_l")) <= 1e-6, r
-    # The fast route's V is not PEFT's tensor (tests/test_fast_projections.py holds it to a float64 reference);
+    # The fast route's V is not PEFT's tensor (tests/projections/test_fast_projections.py holds it to a float64 reference);
     # its row must still time it, keep the pattern and rebuild the weights.
     fast = init["frod_kernels build_projections (cpu, fast)"]
     assert fast["median_ms"] > 0 and fast["same_pattern"] and fast["reconstruction_max_rel"] <= 1e-5, fast

@@ -12,7 +12,7 @@ import xml.etree.ElementTree as ET
 import pytest
 import torch
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # This suite's conftest under another module name (this file's own conftest is "conftest"), hooks and all.
 CONFTEST = '''
@@ -26,7 +26,7 @@ globals().update({{k: v for k, v in vars(suite).items() if not k.startswith("__"
 
 CASES = '''
 import pytest
-from frod_kernels._backends import unavailable_reason
+from frod_kernels.registry import unavailable_reason
 
 REASON = unavailable_reason("triton", "cpu")
 

@@ -116,5 +116,5 @@ def test_configs_are_the_gpu_lists_even_under_the_interpreter():
 
 
 def test_the_gather_compiles_for_one_layout_of_a():
-    # A strided A (U.t()) is copied row-major before its launch (tests/test_triton.py checks the copy).
+    # A strided A (U.t()) is copied row-major before its launch (tests/backends/test_triton_backend.py checks the copy).
     assert [layout for kernel, layout in compile_report.LAUNCHES if kernel == "row_gather"] == ["rows"]

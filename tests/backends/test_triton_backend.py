@@ -27,8 +27,7 @@ from frod_kernels.backends import triton as triton_backend  # noqa: E402
 from frod_kernels.layout import build_layout  # noqa: E402
 from frod_kernels.reference import (  # noqa: E402
     TOLERANCE, reference_grads, reference_row_gather_diag, reference_sampled_dot_diag, rel_err)
-from conftest import random_pattern, random_problem  # noqa: E402
-from test_op import run  # noqa: E402
+from conftest import random_pattern, random_problem, run  # noqa: E402
 
 pytest.importorskip("triton", reason="triton is not installed")
 
@@ -49,7 +48,7 @@ def _interpreter_without_gpu():
         yield
         return
     if TRITON_PREIMPORTED:
-        pytest.fail("triton was imported (in compiled mode) before tests/test_triton.py could enable its "
+        pytest.fail("triton was imported (in compiled mode) before tests/backends/test_triton_backend.py could enable its "
                     "interpreter: set TRITON_INTERPRET=1 before the run, or in tests/conftest.py")
     os.environ["TRITON_INTERPRET"] = "1"
     try:

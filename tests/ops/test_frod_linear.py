@@ -6,18 +6,10 @@ import torch
 import frod_kernels as fk
 from frod_kernels import cost_model, engine
 from frod_kernels.reference import TOLERANCE, reference_grads, rel_err
-from conftest import random_problem
+from conftest import random_problem, run
 
 PATHS = ["sparse", "factored", "materialized"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def run(x, V, U, lam, s, si, b, grad_out, **kw):
-    leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (x, lam, s, b)]
-    xg, lg, sg, bg = leaves
-    y = fk.frod_linear(xg, V, U, lg, sg, si, bg, **kw)
-    y.backward(grad_out)
-    return y, xg.grad, lg.grad, sg.grad, (bg.grad if bg is not None else None)
 
 
 def check_against_reference(problem, dtype, **kw):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).resolve().parents[1] / "csrc" / "ptxas_report.py"
+_PATH = Path(__file__).resolve().parents[2] / "csrc" / "ptxas_report.py"
 _spec = importlib.util.spec_from_file_location("ptxas_report", _PATH)
 ptxas_report = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(ptxas_report)

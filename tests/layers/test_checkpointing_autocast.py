@@ -190,7 +190,7 @@ def test_frod_linear_module_under_autocast_keeps_float32_parameter_grads():
 
 def test_trainer_example_runs_with_bf16_and_checkpointing():
     # the example end to end in its own interpreter (the Trainer and PEFT patch global state): tiny settings
-    script = Path(__file__).resolve().parents[1] / "python" / "trainer_finetune.py"
+    script = Path(__file__).resolve().parents[2] / "python" / "trainer_finetune.py"
     args = ["--hidden", "32", "--layers", "1", "--seq", "16", "--batch", "4", "--steps", "8", "--bf16",
             "--gradient-checkpointing"]
     run = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=120)

@@ -20,8 +20,7 @@ from frod_kernels.backends import pytorch as torch_backend
 from frod_kernels.layout import build_layout
 from frod_kernels.reference import (TOLERANCE, reference_grads, reference_row_gather_diag,
                                     reference_sampled_dot_diag, rel_err)
-from conftest import random_pattern, random_problem
-from test_op import run
+from conftest import random_pattern, random_problem, run
 
 HAS_TRITON = registry.unavailable_reason("triton", "cpu") is None
 OP = "row_gather_diag"

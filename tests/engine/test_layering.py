@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "frod_kernels"
+PACKAGE = Path(__file__).resolve().parents[2] / "frod_kernels"
 
 # Low to high. A module imports only modules of its own layer or below, except for UPWARD.
 LAYERS = [
