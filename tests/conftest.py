@@ -56,6 +56,15 @@ def random_problem(n_in, n_out, nnz, lead=(7,), dtype=torch.float32, param_dtype
             s_indices.to(device), cast(b, dtype))
 
 
+def operand(n, m, dtype, device, strided):
+    """A random (n, m) kernel-family operand; ``strided``: a view of an (m, n) matrix, as ``U.t()`` of a row-major
+    U is."""
+    t = torch.randn(m, n).t() if strided else torch.randn(n, m)
+    t = t.to(device=device, dtype=dtype)
+    assert strided == (not t.is_contiguous()) or min(n, m) <= 1
+    return t
+
+
 def run(x, V, U, lam, s, si, b, grad_out, **kw):
     """``frod_linear`` forward and backward on fresh leaves: (y, dx, dlambda, ds, dbias)."""
     import frod_kernels as fk

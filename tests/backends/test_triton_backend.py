@@ -1,5 +1,7 @@
-"""The Triton backend: both kernel families against the torch backend and a float64 twin, and the whole frod_linear
-(forward and backward, every engine path) against the float64 reference.
+"""The Triton backend: what is Triton's own (split reductions, determinism, the row-major copy of a strided operand,
+autotune keys, the probe, 64-bit offsets), and the whole frod_linear (forward and backward, every engine path)
+through it against the float64 reference. Each kernel family's test over every backend, Triton included, is in
+tests/ops/.
 
 Without a CUDA GPU the kernels run under Triton's interpreter on the CPU. Triton decides at its own import whether
 its jit functions (its standard library's included) are interpreted, so TRITON_INTERPRET is set here, at
@@ -22,12 +24,11 @@ if not HAS_GPU and not USER_INTERPRET:
 import pytest  # noqa: E402
 
 import frod_kernels as fk  # noqa: E402
-from frod_kernels.backends import pytorch as torch_backend  # noqa: E402
 from frod_kernels.backends import triton as triton_backend  # noqa: E402
 from frod_kernels.layout import build_layout  # noqa: E402
 from frod_kernels.reference import (  # noqa: E402
-    TOLERANCE, reference_grads, reference_row_gather_diag, reference_sampled_dot_diag, rel_err)
-from conftest import random_pattern, random_problem, run  # noqa: E402
+    TOLERANCE, reference_grads, reference_sampled_dot_diag, rel_err)
+from conftest import operand, random_pattern, random_problem, run  # noqa: E402
 
 pytest.importorskip("triton", reason="triton is not installed")
 
@@ -63,62 +64,6 @@ def _triton(op, *args):
         return getattr(torch.ops.frod, op)(*args)
 
 
-def _operand(n, m, dtype, device, strided):
-    # strided: an (n, m) view of an (m, n) matrix, as the engine passes U.t()
-    t = torch.randn(m, n).t() if strided else torch.randn(n, m)
-    t = t.to(device=device, dtype=dtype)
-    assert strided == (not t.is_contiguous()) or min(n, m) <= 1
-    return t
-
-
-KERNEL_CASES = [
-    # n, m, nnz, strided
-    (37, 1, 90, False),     # one token
-    (37, 5, 90, True),      # strided A, few columns
-    (37, 129, 200, False),  # a column count past one tile, not a multiple of it
-    (37, 129, 200, True),
-    (37, 5, 0, False),      # empty pattern
-    (37, 0, 90, False),     # empty token dim
-    (1, 3, 0, True),
-]
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
-@pytest.mark.parametrize("n,m,nnz,strided", KERNEL_CASES)
-def test_row_gather_diag(device, dtype, n, m, nnz, strided):
-    lay = build_layout(random_pattern(n, nnz, torch.Generator().manual_seed(torch.seed() % 2**31)), n)
-    ptr, src = lay.col_ptr.to(device), lay.col_src.to(device)
-    A = _operand(n, m, dtype, device, strided)
-    diag = (0.5 + torch.rand(n)).to(device)
-    weights = torch.randn(src.numel(), device=device)  # float32 values with half-precision A, as PEFT keeps them
-    got = _triton("row_gather_diag", A, diag, weights, ptr, src)
-    assert got.dtype == dtype and got.shape == (n, m)
-
-    assert rel_err(got, reference_row_gather_diag(A, diag, weights, ptr, src)) <= TOLERANCE[dtype]
-    assert rel_err(got, torch_backend.row_gather_diag(A, diag, weights, ptr, src)) <= TOLERANCE[dtype]
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
-@pytest.mark.parametrize("n,m,nnz,strided", KERNEL_CASES)
-def test_sampled_dot_diag(device, dtype, n, m, nnz, strided):
-    lay = build_layout(random_pattern(n, nnz, torch.Generator().manual_seed(torch.seed() % 2**31)), n)
-    ptr, src = lay.row_ptr.to(device), lay.row_src.to(device)
-    P = _operand(n, m, dtype, device, strided)
-    Q = _operand(n, m, dtype, device, False)
-    vals, diag = _triton("sampled_dot_diag", P, Q, ptr, src)
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    assert vals.dtype == diag.dtype == acc and vals.shape == (nnz,) and diag.shape == (n,)
-
-    ref_vals, ref_diag = reference_sampled_dot_diag(P, Q, ptr, src)
-    tvals, tdiag = torch_backend.sampled_dot_diag(P, Q, ptr, src)
-    for got, ref, twin in ((vals, ref_vals, tvals), (diag, ref_diag, tdiag)):
-        # The dots accumulate in float32 whatever the operand dtype: float32 tolerance for every input dtype.
-        assert rel_err(got, ref) <= TOLERANCE[acc]
-        assert rel_err(got, twin) <= TOLERANCE[acc]
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("strided", [False, True])
 def test_split_reduction_is_exact_and_deterministic(device, strided, monkeypatch):
@@ -129,7 +74,7 @@ def test_split_reduction_is_exact_and_deterministic(device, strided, monkeypatch
     n, m = 37, 129
     lay = build_layout(random_pattern(n, 150, torch.Generator().manual_seed(torch.seed() % 2**31)), n)
     ptr, src = lay.row_ptr.to(device), lay.row_src.to(device)
-    P, Q = _operand(n, m, torch.bfloat16, device, strided), _operand(n, m, torch.bfloat16, device, False)
+    P, Q = operand(n, m, torch.bfloat16, device, strided), operand(n, m, torch.bfloat16, device, False)
     vals, diag = _triton("sampled_dot_diag", P, Q, ptr, src)
     ref_vals, ref_diag = reference_sampled_dot_diag(P, Q, ptr, src)
     assert rel_err(vals, ref_vals) <= TOLERANCE[torch.float32]
@@ -142,7 +87,7 @@ def test_split_reduction_is_exact_and_deterministic(device, strided, monkeypatch
 def test_row_gather_is_deterministic(device):
     n = 37
     lay = build_layout(random_pattern(n, 300, torch.Generator().manual_seed(torch.seed() % 2**31)), n)
-    args = (_operand(n, 40, torch.float32, device, True), torch.rand(n, device=device),
+    args = (operand(n, 40, torch.float32, device, True), torch.rand(n, device=device),
             torch.randn(300, device=device), lay.col_ptr.to(device), lay.col_src.to(device))
     assert torch.equal(_triton("row_gather_diag", *args), _triton("row_gather_diag", *args))
 
@@ -152,11 +97,11 @@ def test_gather_reads_a_row_contiguous_a():
 
     n, m = 37, 129
     lay = build_layout(random_pattern(n, 90, torch.Generator().manual_seed(torch.seed() % 2**31)), n)
-    A = _operand(n, m, torch.float32, "cpu", strided=True)
+    A = operand(n, m, torch.float32, "cpu", strided=True)
     out = torch.empty(n, m)
     _, args, _ = row_gather.kernel_launch(A, torch.rand(n), torch.randn(90), lay.col_ptr, lay.col_src, out)
     assert args[0].stride(1) == 1 and torch.equal(args[0], A)
-    one_col = _operand(n, 1, torch.float32, "cpu", strided=True)  # any stride serves a single column
+    one_col = operand(n, 1, torch.float32, "cpu", strided=True)  # any stride serves a single column
     _, args, _ = row_gather.kernel_launch(one_col, torch.rand(n), torch.randn(90), lay.col_ptr, lay.col_src, out)
     assert args[0] is one_col
 
@@ -171,7 +116,7 @@ def test_sampled_dot_tunes_per_operand_layout():
     classes = set()
     for p_strided in (False, True):
         for q_strided in (False, True):
-            P, Q = (_operand(n, m, torch.float32, "cpu", st) for st in (p_strided, q_strided))
+            P, Q = (operand(n, m, torch.float32, "cpu", st) for st in (p_strided, q_strided))
             _, args, _ = sampled_dot.kernel_launch(P, Q, lay.row_ptr, lay.row_src, vals, diag)
             classes.add(args[sampled_dot._KERNEL.fn.arg_names.index("layout_key")])
     assert len(classes) == 4
