@@ -172,9 +172,10 @@ def test_compiled_autocast_equals_eager_autocast():
     y, g = run(compiled)
     assert y.dtype == y_ref.dtype == torch.bfloat16
     assert counter.frame_count == 1
-    # the same bf16 operations in the same order: equal up to bf16 rounding of the last step
-    assert rel_err(y, y_ref) <= 1e-2
-    assert all(a.dtype == torch.float32 and rel_err(a, b) <= 1e-2 for a, b in zip(g, g_ref))
+    # the same operations in the same order (the compiled op runs the eager engine): the bf16 output equal, and the
+    # float32 gradients within float32 rounding (autograd may sum a parameter's gradient in another order)
+    assert rel_err(y, y_ref) <= TOLERANCE[torch.float32]
+    assert all(a.dtype == torch.float32 and rel_err(a, b) <= TOLERANCE[torch.float32] for a, b in zip(g, g_ref))
 
 
 def test_accelerated_peft_model_compiles_to_one_graph_and_equals_eager():
