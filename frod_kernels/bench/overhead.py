@@ -80,7 +80,8 @@ def _steps(device: torch.device) -> tuple[dict[str, Callable[[], object]], dict[
     x = torch.randn(TOKENS, N_IN, device=device, requires_grad=True)
     g = torch.randn(TOKENS, N_OUT, device=device)
     t = peft_models.frod_tensors(peft_layer)
-    V, U, idx = t["V"], t["U"], t["s_indices"].to(device)
+    # U column-major, as FrodLinear and the PEFT integration store it (docs/DESIGN.md section 6)
+    V, U, idx = t["V"], t["U"].t().contiguous().t(), t["s_indices"].to(device)
     lam = t["lambda_l"].detach().clone().requires_grad_(True)
     s = t["s_values"].detach().clone().requires_grad_(True)
 
