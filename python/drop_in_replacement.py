@@ -40,7 +40,7 @@ def main() -> None:
     with torch.no_grad():
         before = model(ids).logits
 
-    model.requires_grad_(False)  # only FRoD's lambda_l and s_values will train
+    # freezes everything else, as get_peft_model does: only FRoD's lambda_l and s_values train
     fk.replace_linears(model, ["q_proj", "v_proj"], sparse_rate=args.sparse_rate, seed=0)
     with torch.no_grad():
         drift = (model(ids).logits - before).norm() / before.norm()
