@@ -8,7 +8,8 @@
 # Works on a copy of the sources under $FROD_CUDA_CI_DIR (default build/cuda-ci) so that no extension built for
 # this torch lands in the repository's frod_kernels/, where the project's own venv (another torch) would find it.
 #
-# Environment: FROD_CUDA_VENV (default /tmp/frod-cuda-venv), FROD_CUDA_TORCH (default torch==2.14.1, a CUDA 13.0
+# Environment: FROD_CUDA_VENV (default /tmp/frod-cuda-venv; a venv that has a CUDA torch, such as the one the README's
+# command makes, keeps it and gets only the build tools it lacks), FROD_CUDA_TORCH (default torch==2.14.1, a CUDA 13.0
 # build), CUDA_HOME (default /usr/local/cuda), TORCH_CUDA_ARCH_LIST (default 9.0: one arch keeps CI short),
 # MAX_JOBS (default 2).
 set -euo pipefail
@@ -22,14 +23,16 @@ export MAX_JOBS="${MAX_JOBS:-2}"
 export FROD_BUILD_CUDA=1
 start=$SECONDS
 
+if ! "$venv/bin/python" -c "import torch; assert torch.version.cuda" 2>/dev/null; then
+  echo "== creating $venv with ${FROD_CUDA_TORCH:-torch==2.14.1}"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check "${FROD_CUDA_TORCH:-torch==2.14.1}"
+fi
 # frod_kernels itself imports tqdm (the projections' progress bar) and safetensors (the projection cache);
 # transformers and peft stay optional there.
-if ! "$venv/bin/python" -c "import torch, ninja, setuptools, pytest, tqdm, safetensors; assert torch.version.cuda" \
-    2>/dev/null; then
-  echo "== creating $venv (${FROD_CUDA_TORCH:-torch==2.14.1}, ninja, setuptools, pytest, tqdm, safetensors)"
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install -q --disable-pip-version-check "${FROD_CUDA_TORCH:-torch==2.14.1}" ninja setuptools \
-    wheel pytest numpy tqdm safetensors
+if ! "$venv/bin/python" -c "import ninja, setuptools, pytest, tqdm, safetensors" 2>/dev/null; then
+  echo "== installing ninja, setuptools, pytest, tqdm, safetensors into $venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check ninja setuptools wheel pytest numpy tqdm safetensors
 fi
 export PATH="$venv/bin:$PATH"  # ninja
 py="$venv/bin/python"

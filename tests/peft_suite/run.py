@@ -5,10 +5,10 @@
 
 The tests are PEFT's, not ours: the strongest evidence that acceleration changes nothing but speed. The source
 distribution of the installed PEFT version is downloaded once (``pip download``) into ``--work`` (default
-``build/peft-suite``). Selected are ``tests/test_frod.py``, the FRoD cases of ``tests/test_initialization.py`` and
-of ``tests/test_custom_models.py`` (``-k frod``, which pytest matches case-insensitively against test and module
-names). The accelerated run loads :mod:`frod_accel_plugin` (this folder), which enables acceleration for the
-whole session and counts the fused calls.
+``build/peft-suite``). Selected are ``tests/test_frod.py`` and the FRoD cases of ``tests/test_initialization.py``,
+``tests/test_custom_models.py``, ``tests/test_config.py`` and ``tests/test_low_level_api.py``: by config type, not by
+name (:mod:`frod_select_plugin`, this folder, loaded in both runs). The accelerated run also loads
+:mod:`frod_accel_plugin` (this folder), which enables acceleration for the whole session and counts the fused calls.
 
 Fails (exit 1) when any test's outcome differs between the two runs, when the accelerated run has a failure or
 error, or when it never reached the fused op. Prints both runs' counts and times.
@@ -26,8 +26,8 @@ import time
 import xml.etree.ElementTree as ET
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-FILES = ["tests/test_frod.py", "tests/test_initialization.py", "tests/test_custom_models.py"]
-SELECT = "frod"
+FILES = ["tests/test_frod.py", "tests/test_initialization.py", "tests/test_custom_models.py", "tests/test_config.py",
+         "tests/test_low_level_api.py"]
 # What PEFT's FRoD tests import beyond PEFT itself (the extra "peft-tests" of setup.py installs them).
 NEEDS = ["diffusers", "datasets", "parameterized", "attr", "scipy"]
 
@@ -51,13 +51,13 @@ def peft_sources(version: str, work: str) -> str:
 
 
 def run_pytest(root: str, junit: str, accelerated: bool, calls_file: str) -> float:
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "frod_select_plugin", "-o",
+            "addopts=",
             # transformers 5.x deprecation warnings turn into errors in one Llama test, with or without acceleration
-            "-W", "ignore::FutureWarning", f"--junitxml={junit}", "-k", SELECT, *FILES]
+            "-W", "ignore::FutureWarning", f"--junitxml={junit}", *FILES]
     if accelerated:
         args[3:3] = ["-p", "frod_accel_plugin"]
-        env["PYTHONPATH"] = HERE + os.pathsep + env.get("PYTHONPATH", "")
         env["FROD_FUSED_CALLS_FILE"] = calls_file
     print(f"== PEFT's FRoD tests, {'accelerated' if accelerated else 'plain PEFT'}", flush=True)
     t0 = time.perf_counter()
@@ -105,11 +105,13 @@ def main(argv=None) -> int:
         runs[name] = outcomes(junit)
 
     plain, fast = runs["plain"], runs["accelerated"]
-    print(f"\nPEFT {peft.__version__}, {' '.join(FILES)} -k {SELECT}")
+    print(f"\nPEFT {peft.__version__}, the FRoD cases of {' '.join(FILES)}")
     for name, found in runs.items():
         counts = collections.Counter(found.values())
         print(f"  {name:<12} {len(found)} tests: " + ", ".join(f"{counts[k]} {k}" for k in
               ("passed", "skipped", "failed", "error")) + f"  ({seconds[name]:.0f} s)")
+    per_file = collections.Counter(t.split(".")[1] for t in fast)
+    print("  FRoD cases per file: " + ", ".join(f"{f} {n}" for f, n in sorted(per_file.items())))
     problems = [f"{t}: {plain.get(t, 'absent')} without acceleration, {fast.get(t, 'absent')} with it"
                 for t in sorted(plain.keys() | fast.keys()) if plain.get(t) != fast.get(t)]
     problems += [f"{t}: {o} with acceleration" for t, o in sorted(fast.items()) if o in ("failed", "error")

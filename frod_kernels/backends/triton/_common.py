@@ -5,17 +5,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton import knobs
 
-try:
-    from triton import knobs as _knobs
 
-    def interpreting() -> bool:
-        return bool(_knobs.runtime.interpret)
-except ImportError:  # triton < 3.4 has no knobs module; it reads the variable directly
-    import os
-
-    def interpreting() -> bool:
-        return os.environ.get("TRITON_INTERPRET", "0") == "1"
+def interpreting() -> bool:
+    return bool(knobs.runtime.interpret)
 
 
 # Read once, when the kernel modules are first imported: @triton.jit decides then whether a kernel is compiled or
