@@ -7,6 +7,8 @@ import triton
 import triton.language as tl
 from triton import knobs
 
+from ..._numerics import acc_dtype
+
 
 def interpreting() -> bool:
     return bool(knobs.runtime.interpret)
@@ -88,11 +90,6 @@ def autotune(gpu_configs: list[triton.Config], interp_config: triton.Config, key
     return decorate
 
 
-def acc_dtype(dtype: torch.dtype):
-    """The accumulator of the kernels: float64 for float64 data, float32 otherwise (as the torch twins)."""
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def bucket(x: int) -> int:
-    """Autotune key of a size: its power of two, so that each size class tunes once (token counts vary per step)."""
-    return triton.next_power_of_2(max(int(x), 1))
+def tl_acc_dtype(dtype: torch.dtype):
+    """:func:`frod_kernels._numerics.acc_dtype` as a Triton dtype."""
+    return tl.float64 if acc_dtype(dtype) == torch.float64 else tl.float32

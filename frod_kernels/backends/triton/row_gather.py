@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, acc_dtype, autotune, bucket
+from ..._numerics import bucket
+from ._common import INTERPRET, autotune, tl_acc_dtype
 
 
 @triton.jit
@@ -97,7 +98,7 @@ def kernel_launch(A: torch.Tensor, diag: torch.Tensor, weights: torch.Tensor, pt
         A = A.contiguous()
     args = (A, diag.contiguous(), weights.contiguous(), ptr.contiguous(), src.contiguous(), out, n, m, A.stride(0),
             bucket(m), bucket(n), bucket(triton.cdiv(src.shape[0], max(n, 1))))
-    return _KERNEL, args, {"ACC": acc_dtype(A.dtype)}
+    return _KERNEL, args, {"ACC": tl_acc_dtype(A.dtype)}
 
 
 def row_gather_diag(A: torch.Tensor, diag: torch.Tensor, weights: torch.Tensor, ptr: torch.Tensor,

@@ -22,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, autotune, bucket
+from ..._numerics import bucket
+from ._common import autotune, tl_acc_dtype
 
 # Reduction length per chunk, and the most chunks. 2048 tokens keep a 4096 x 16384 problem at 8 chunks (16k+
 # programs with one-row tiles) while the partial buffers stay at a few nnz-sized rows.
@@ -107,7 +108,7 @@ def kernel_launch(P: torch.Tensor, Q: torch.Tensor, ptr: torch.Tensor, src: torc
     mean_deg = triton.cdiv(nnz, n)
     args = (P, Q, ptr.contiguous(), src.contiguous(), vals, diag, n, m, nnz, chunk, P.stride(0), P.stride(1),
             Q.stride(0), Q.stride(1), bucket(m), bucket(mean_deg), _layout_class(P, Q))
-    return _KERNEL, args, {"ACC": acc_dtype(P.dtype)}
+    return _KERNEL, args, {"ACC": tl_acc_dtype(P.dtype)}
 
 
 def sampled_dot_diag(P: torch.Tensor, Q: torch.Tensor, ptr: torch.Tensor, src: torch.Tensor):
