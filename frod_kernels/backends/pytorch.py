@@ -9,7 +9,7 @@ also the float32 accumulation the other backends do.
 Tiny problems are the exception: there a CSR call's fixed cost (building the handle, and MKL's threads, which
 stall for milliseconds on a loaded machine) exceeds the work, and plain gathers are cheaper. The crossover,
 :data:`GATHER_MAX_WORK` multiply-adds, was measured on the project's CPU machine (torch 2.13, one thread): at
-64 x 128 with 40 nonzeros (5,120) the two cost the same, at 64 x 8 the gathers are 20-40% cheaper, and at
+64 x 128 with 40 nonzeros (5,120) the two cost the same, at 64 x 8 the gathers are 17-40% cheaper, and at
 1024 x 8 with 10,485 nonzeros (84,000) CSR is 7-10x cheaper.
 """
 
