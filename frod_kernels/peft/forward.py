@@ -93,7 +93,10 @@ def _column_major_u(layer, adapter: str) -> torch.Tensor:
     row-major one is freed), so that every row the sparse steps gather from U^T is contiguous. frod_U is a
     non-persistent buffer: no checkpoint sees it, and PEFT's own forward reads either layout."""
     U = layer.frod_U[adapter]
-    if U.dim() == 2 and U.stride(0) != 1 and not torch.compiler.is_compiling():
+    # Not in inference mode: a tensor made there could never again be saved for backward, and PEFT's merge and
+    # later training steps do save U. Such a call reads the row-major U (one copy per call) until a normal one.
+    if (U.dim() == 2 and U.stride(0) != 1 and not torch.compiler.is_compiling()
+            and not torch.is_inference_mode_enabled()):
         U = U.t().contiguous().t()
         layer.frod_U[adapter] = U
     return U

@@ -148,3 +148,19 @@ def test_accelerated_peft_layers_gather_contiguous_rows_of_their_own_u(recorder)
         assert not any(k.endswith("frod_U.default") for k in model.state_dict()), "U entered a checkpoint"
     finally:
         fkp.disable()
+
+
+def test_a_first_fused_call_in_inference_mode_leaves_peft_able_to_train_and_merge():
+    model = _peft_model()
+    fkp.accelerate(model)
+    try:
+        x = torch.randn(5, 40)
+        with torch.inference_mode():
+            model(x)
+        layers = [m for m in model.modules() if isinstance(m, fkp.state.Linear)]
+        assert not any(m.frod_U["default"].is_inference() for m in layers)
+        model(x).square().sum().backward()  # the first call outside inference mode lays U out
+        assert all(m.frod_U["default"].stride(0) == 1 for m in layers)
+        model.merge_adapter()
+    finally:
+        fkp.disable()
