@@ -58,7 +58,8 @@ def _group_of(ptr: torch.Tensor) -> torch.Tensor:
 
 
 def reference_row_gather_diag(A, diag, weights, ptr, src) -> torch.Tensor:
-    """Float64 twin of ``frod::row_gather_diag``: ``out[r] = diag[r] A[r] + sum_{k in group r} weights[k] A[src[k]]``."""
+    """Float64 twin of ``frod::row_gather_diag``:
+    ``out[r] = diag[r] A[r] + sum_{k in group r} weights[k] A[src[k]]``."""
     a = A.detach().double().cpu()
     out = diag.detach().double().cpu()[:, None] * a
     return out.index_add_(0, _group_of(ptr), weights.detach().double().cpu()[:, None] * a[src.cpu()])

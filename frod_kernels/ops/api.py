@@ -10,7 +10,6 @@ from torch import Tensor
 
 from .. import autotune, cost_model, dispatch, engine, registry
 from .._validation import check_frod_args
-from ..layout import pattern_layout
 from . import _autocast
 from .frod_linear import layout_of
 
@@ -87,7 +86,7 @@ def frod_linear(
         # graph
         y, _ = torch.ops.frod.frod_linear_fwd(x2, V, U, lambda_l, s_values, s_indices, layout, bias, p, keep)
         return y.reshape(*lead, n_out)
-    lay = pattern_layout(s_indices, n_in) if layout is None else layout_of(s_indices, layout, n_in, nnz)
+    lay = layout_of(s_indices, layout, n_in, nnz)
     k = dispatch.kernels(dev)
     if autocast:
         with torch.autocast(dev, enabled=False):

@@ -49,8 +49,8 @@ def _interpreter_without_gpu():
         yield
         return
     if TRITON_PREIMPORTED:
-        pytest.fail("triton was imported (in compiled mode) before tests/backends/test_triton_backend.py could enable its "
-                    "interpreter: set TRITON_INTERPRET=1 before the run, or in tests/conftest.py")
+        pytest.fail("triton was imported (in compiled mode) before tests/backends/test_triton_backend.py could "
+                    "enable its interpreter: set TRITON_INTERPRET=1 before the run, or in tests/conftest.py")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
         yield

@@ -123,8 +123,8 @@ def test_cli_writes_results_plots_and_summary(tmp_path, capsys):
         # The CPU route reproduces PEFT's projections to rounding (frod_kernels/projections.py).
         assert r.get("median_ms", 0) > 0 and r["same_pattern"], r
         assert max(r[k] for k in ("rel_diff_V", "rel_diff_U", "rel_diff_lambda_l")) <= 1e-6, r
-    # The fast route's V is not PEFT's tensor (tests/projections/test_fast_projections.py holds it to a float64 reference);
-    # its row must still time it, keep the pattern and rebuild the weights.
+    # The fast route's V is not PEFT's tensor (tests/projections/test_fast_projections.py holds it to a float64
+    # reference); its row must still time it, keep the pattern and rebuild the weights.
     fast = init["frod_kernels build_projections (cpu, fast)"]
     assert fast["median_ms"] > 0 and fast["same_pattern"] and fast["reconstruction_max_rel"] <= 1e-5, fast
     # A second setup from the projection cache: bitwise the first (cache-filling) setup's tensors, and PEFT's.

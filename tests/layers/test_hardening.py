@@ -35,8 +35,8 @@ def backends_here():
 
 @pytest.fixture
 def interpreter_env(monkeypatch):
-    # tests/backends/test_triton_backend.py removes TRITON_INTERPRET when its module ends; the kernels stay interpreted for the
-    # process (Triton fixed that at import), so the probe may see it again.
+    # tests/backends/test_triton_backend.py removes TRITON_INTERPRET when its module ends; the kernels stay
+    # interpreted for the process (Triton fixed that at import), so the variable is set again to match.
     if not HAS_GPU and os.environ.get("TRITON_INTERPRET") is None:
         monkeypatch.setenv("TRITON_INTERPRET", "1")
 

@@ -85,7 +85,8 @@ def target_params():
 @pytest.mark.parametrize("backend,device,max_dim,examples", target_params())
 def test_fuzz_against_reference(backend, device, max_dim, examples, monkeypatch):
     if backend == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") is None:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")  # tests/backends/test_triton_backend.py unsets it when its module ends
+        # tests/backends/test_triton_backend.py unsets it when its module ends
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
 
     @settings(max_examples=examples, deadline=None, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])

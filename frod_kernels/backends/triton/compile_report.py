@@ -319,8 +319,8 @@ def _fmt(v):
 
 
 def table(results: list[Result]) -> str:
-    head = ["kernel", "layout", "shapes", "dtype", "config", "arch", "regs", "spill st/ld", "local", "smem", "warps/SM regs",
-            "warps/SM smem", "result"]
+    head = ["kernel", "layout", "shapes", "dtype", "config", "arch", "regs", "spill st/ld", "local", "smem",
+            "warps/SM regs", "warps/SM smem", "result"]
     rows = [[r.kernel, r.layout, r.shapes, r.dtype, r.config, f"sm_{r.arch}", _fmt(r.regs),
              f"{_fmt(r.spill_stores)}/{_fmt(r.spill_loads)}", _fmt(r.local), _fmt(r.shared), _fmt(r.warps_by_regs),
              _fmt(r.warps_by_smem), "FAIL: " + "; ".join(r.failures) if r.failures else "ok"] for r in results]
@@ -329,7 +329,8 @@ def table(results: list[Result]) -> str:
 
 
 def summary(results: list[Result]) -> str:
-    """One line per kernel, layout, shape class and arch: register range, least warps resident, most shared memory, failures."""
+    """One line per kernel, layout, shape class and arch: register range, least warps resident, most shared memory,
+    failures."""
     groups: dict[tuple, list[Result]] = {}
     for r in results:
         groups.setdefault((r.kernel, r.layout, r.shapes, r.arch), []).append(r)
@@ -350,7 +351,8 @@ def default_cache_dir() -> Path:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m frod_kernels.backends.triton.compile_report", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m frod_kernels.backends.triton.compile_report",
+                                description=__doc__.split("\n")[0])
     kernels = sorted({k for k, _ in LAUNCHES})
     p.add_argument("--kernel", default=",".join(kernels), help="kernels, comma-separated (default: %(default)s)")
     p.add_argument("--arch", default=",".join(map(str, TARGETS)), help="compute capabilities (default: %(default)s)")

@@ -77,8 +77,8 @@ def _cfg(br, bm, warps, stages=2):
     return triton.Config({"BLOCK_R": br, "BLOCK_M": bm}, num_warps=warps, num_stages=stages, maxnreg=_MAX_REGS)
 
 
-# sm_80/sm_90: 2-8 warps, at most 32 fp32 elements of the tile per thread. tests/backends/test_triton_compile.py compiles every
-# config for both GPUs with every Triton of CI's matrix and fails on spills (python -m
+# sm_80/sm_90: 2-8 warps, at most 32 fp32 elements of the tile per thread. tests/backends/test_triton_compile.py
+# compiles every config for both GPUs with every Triton of CI's matrix and fails on spills (python -m
 # frod_kernels.backends.triton.compile_report prints registers, spills, shared memory and occupancy).
 # Key: the size classes and the mean group length (the gathers per output row); Triton's autotuner adds every
 # tensor argument's dtype. A has one layout (rows contiguous), so the layout needs no key.

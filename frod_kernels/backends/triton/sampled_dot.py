@@ -78,7 +78,8 @@ def _cfg(br, bk, bm, warps, stages=2):
 
 # sm_80/sm_90: the 3-D tile stays at 4096 elements per program, 16-32 per thread, so acc and the gathered Q tile fit
 # in registers. The 4 x 8 x 128 and 32 x 8 x 16 tiles take 8 warps: at 4, sm_80's ptxas spilled them (float32, or
-# sizes not multiples of 16). tests/backends/test_triton_compile.py compiles every config for both GPUs and fails on spills.
+# sizes not multiples of 16). tests/backends/test_triton_compile.py compiles every config for both GPUs and fails on
+# spills.
 # Key: the size classes, the operands' layout (which of P and Q has contiguous rows: a tile tuned for coalesced rows
 # is the wrong one for strided rows), and, added by Triton's autotuner, every tensor argument's dtype.
 _KERNEL = autotune(
