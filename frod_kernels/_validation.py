@@ -112,10 +112,15 @@ def _check_arguments(device: torch.device, V, U, lambda_l, s_values, s_indices, 
     if layout is not None:
         check_layout(layout, n, s_indices.shape[1], device)
     if finite:
-        trainable = (("lambda_l", lambda_l), ("s_values", s_values), ("bias", bias)) if device.type == "cpu" else ()
-        for name, t in (("V", V), ("U", U)) + trainable:
-            if t is not None and _checkable(t):
-                check_finite(name, t)
+        # V and U per their own state: a call whose trainable tensors are fresh wrappers (a detach() or .to() per
+        # call) misses the argument cache, and must not read in^2 + in x out elements again for it
+        for name, t in (("V", V), ("U", U)):
+            if _checkable(t):
+                _ONCE.get(t, "finite", lambda name=name, t=t: check_finite(name, t) or True)
+        if device.type == "cpu":
+            for name, t in (("lambda_l", lambda_l), ("s_values", s_values), ("bias", bias)):
+                if t is not None and _checkable(t):
+                    check_finite(name, t)
 
 
 def _check_basis(V) -> None:
@@ -162,7 +167,7 @@ def _check_finite_mode(finite) -> Union[str, bool]:
 
 def get_checks() -> dict:
     """The current check settings, e.g. ``{"finite": "auto"}``."""
-    return {"finite": getattr(_local, "finite", _global_finite)}
+    return {"finite": finite_mode()}
 
 
 def set_checks(*, finite: Union[str, bool]) -> None:
@@ -187,7 +192,7 @@ def checks(*, finite: Union[str, bool]) -> Iterator[None]:
 
 
 def finite_mode() -> Union[str, bool]:
-    return get_checks()["finite"]
+    return getattr(_local, "finite", _global_finite)
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:

@@ -1,9 +1,10 @@
 """Which engine path a layer call takes where nothing is measured: the cheapest by a model of each path's work
-(docs/DESIGN.md section 3), in multiply-adds of a large dense GEMM on the same device."""
+(docs/DESIGN.md section 3), in multiply-adds of a large dense GEMM on the same device, plus, where it was
+measured, the host's time per call of each path in the same unit (section 9)."""
 
 from __future__ import annotations
 
-from .engine import FACTORED, MATERIALIZED, SPARSE
+from .engine import DENSE, FACTORED, MATERIALIZED, SPARSE
 
 # Cost of one multiply-add of a sparse step, in multiply-adds of a large dense GEMM on the same device. Measured
 # with the torch backend: CPU (MKL CSR SpMM/SDDMM vs sgemm, 2 cores) about 12-20. GPU: from the roofline
@@ -18,36 +19,58 @@ SPARSE_COST = {"cpu": 16.0, "cuda": 144.0}
 # plentiful and compute is scarce. On a GPU the rebuild costs in/b of a GEMM and keeps peak memory at LoRA's.
 KEEP_MATERIALIZED_WEIGHT = {"cpu": True}
 
-_chosen: dict[tuple, int] = {}
+# Host time of one call per path, microseconds (forward, forward + backward), where the arithmetic is negligible
+# (64 x 64, 8 tokens: frod-bench --suite overhead), and the rate of a large GEMM that turns it into multiply-adds
+# (1024^3 float32, 2 threads). Measured on the project's CPU (2 cores, torch 2.13, 2026-12-03). Only devices listed
+# here take the dense path by the model: on a GPU the host's time overlaps the kernels' instead of adding to it,
+# and nothing has been measured there.
+HOST_US = {"cpu": {SPARSE: (108, 197), FACTORED: (130, 246), MATERIALIZED: (123, 212), DENSE: (102, 160)}}
+GEMM_MACS_PER_US = {"cpu": 84_000}
+
+_chosen: dict[tuple, tuple[int, int]] = {}
 
 
 def path_costs(b: int, n_in: int, n_out: int, nnz: int, device_type: str, training: bool) -> dict[int, float]:
-    """Estimated multiply-adds (GEMM-equivalent) of one forward (+ backward if ``training``) per path."""
+    """Estimated multiply-adds (GEMM-equivalent) of one forward (+ backward if ``training``) per path, host time
+    included where :data:`HOST_US` has the device."""
     k = SPARSE_COST.get(device_type, SPARSE_COST["cuda"])
     c_build = k * n_out * (n_in + nnz)
     apply = k * b * (n_in + nnz)
     x_v, t_u, w_build = b * n_in * n_in, b * n_in * n_out, n_in * n_in * n_out
+    z_m = b * n_in * n_in  # the dense path's product with M^T, and each of its two in backward
     fwd = {
         SPARSE: x_v + apply + t_u,
         FACTORED: c_build + x_v + t_u,
         MATERIALIZED: c_build + w_build + t_u,
+        DENSE: n_in * n_in + x_v + z_m + t_u,
     }
-    if not training:
+    if training:
+        keep = KEEP_MATERIALIZED_WEIGHT.get(device_type, False)
+        bwd = {
+            SPARSE: t_u + apply + apply + x_v,
+            FACTORED: c_build + 2 * t_u + apply + x_v,
+            MATERIALIZED: (0 if keep else c_build + w_build) + 2 * t_u + w_build + k * n_out * (n_in + nnz),
+            DENSE: t_u + 2 * z_m + x_v,
+        }
+        fwd = {p: fwd[p] + bwd[p] for p in fwd}
+    host = HOST_US.get(device_type)
+    if host is None:
+        del fwd[DENSE]
         return fwd
-    keep = KEEP_MATERIALIZED_WEIGHT.get(device_type, False)
-    bwd = {
-        SPARSE: t_u + apply + apply + x_v,
-        FACTORED: c_build + 2 * t_u + apply + x_v,
-        MATERIALIZED: (0 if keep else c_build + w_build) + 2 * t_u + w_build + k * n_out * (n_in + nnz),
-    }
-    return {p: fwd[p] + bwd[p] for p in fwd}
+    rate = GEMM_MACS_PER_US[device_type]
+    return {p: c + rate * host[p][training] for p, c in fwd.items()}
 
 
-def choose_path(b: int, n_in: int, n_out: int, nnz: int, device_type: str, training: bool) -> int:
-    """The cheapest path by :func:`path_costs`; remembered per shape, since a training loop asks every step."""
+def choose_path(b: int, n_in: int, n_out: int, nnz: int, device_type: str, training: bool,
+                kernels_only: bool = False) -> int:
+    """The cheapest path by :func:`path_costs`; remembered per shape, since a training loop asks every step.
+    ``kernels_only``: among the paths that run the kernel families. Both choices are remembered under one key, so
+    that a call traced by torch.compile finds what an eager call of the shape stored (a miss would be a guard)."""
     key = (b, n_in, n_out, nnz, device_type, training)
-    path = _chosen.get(key)
-    if path is None:
+    both = _chosen.get(key)
+    if both is None:
         costs = path_costs(b, n_in, n_out, nnz, device_type, training)
-        path = _chosen[key] = min(costs, key=costs.__getitem__)
-    return path
+        best = min(costs, key=costs.__getitem__)
+        costs.pop(DENSE, None)
+        both = _chosen[key] = (best, min(costs, key=costs.__getitem__))
+    return both[kernels_only]

@@ -10,8 +10,14 @@ work happens and in how many dense products a step costs:
   run dense products only; ``out * nnz`` work per step, independent of tokens.
 * ``MATERIALIZED``: ``W'^T = V C^T`` once per step; then one GEMM forward and two backward, like a plain linear.
   Best once tokens are a few times ``in``.
+* ``DENSE``: write ``M^T = (diag(lambda) + S)^T`` as a dense in x in matrix and run ``y = ((x V) M^T) U^T`` as
+  three GEMMs, composed of differentiable torch ops (:func:`dense_forward`) so that autograd derives the backward
+  in C++, with no Python per backward step. ``b * in^2`` more multiply-adds per product than the sparse steps,
+  and about half the host time of the other paths: the path for layers so small that the host's time per op is
+  the cost (:mod:`frod_kernels.cost_model`). The kernel families play no part in it.
 
-Every sparse step is a call of ``kernels.row_gather`` or ``kernels.sampled_dot`` (a :class:`Kernels`, resolved
+Every sparse step of the first three paths (:data:`KERNEL_PATHS`, which :func:`forward` and :func:`backward` run)
+is a call of ``kernels.row_gather`` or ``kernels.sampled_dot`` (a :class:`Kernels`, resolved
 once per device by :mod:`frod_kernels.dispatch`): a plain function call, no custom-op dispatch per step.
 
 Layouts. A gather reads whole rows of its operand, so every operand it gathers from is row-contiguous: the
@@ -30,8 +36,11 @@ from typing import Callable, NamedTuple
 
 import torch
 
-SPARSE, FACTORED, MATERIALIZED = 0, 1, 2
-PATH_NAMES = {SPARSE: "sparse", FACTORED: "factored", MATERIALIZED: "materialized"}
+from ._numerics import acc_dtype
+
+SPARSE, FACTORED, MATERIALIZED, DENSE = 0, 1, 2, 3
+PATH_NAMES = {SPARSE: "sparse", FACTORED: "factored", MATERIALIZED: "materialized", DENSE: "dense"}
+KERNEL_PATHS = (SPARSE, FACTORED, MATERIALIZED)
 
 # Fewest tokens for which an activation a gather reads is produced feature-major by its GEMM, per device type
 # (see the module docstring). On the CPU the crossover lies between 8 and 64 tokens (2 cores, in = 1024).
@@ -65,6 +74,9 @@ def full_rank_update_t(U, lambda_l, s_values, lay, k: Kernels):
 
 def forward(x, V, U, lambda_l, s_values, lay, bias, path: int, keep_weight: bool, k: Kernels):
     """Returns ``(y, saved)``; ``saved`` is what backward needs besides the inputs (z^T, or W'^T, or nothing)."""
+    if path not in KERNEL_PATHS:
+        raise ValueError(f"path: the engine runs the kernel paths {KERNEL_PATHS}, got {path} (the dense path is "
+                         "dense_forward)")
     if path == SPARSE:
         z_t = _feature_major(x, V)
         t_t = k.row_gather(z_t, lambda_l, s_values.index_select(0, lay.row_perm), lay.row_ptr, lay.row_src)
@@ -75,6 +87,36 @@ def forward(x, V, U, lambda_l, s_values, lay, bias, path: int, keep_weight: bool
         return _linear(z_t.t(), c_t, bias), z_t
     w_t = V @ c_t
     return _linear(x, w_t, bias), (w_t if keep_weight else x.new_empty(0))
+
+
+def dense_index(s_indices: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where ``lambda`` and ``s_values`` go in ``M^T`` flattened row-major: the diagonal, and each ``S[r, c]`` at
+    ``M^T[c, r]``."""
+    diag = torch.arange(n, device=s_indices.device) * (n + 1)
+    return diag, s_indices[1].long() * n + s_indices[0].long()
+
+
+def dense_forward(x, V, U, lambda_l, s_values, index, bias):
+    """The ``DENSE`` path, forward only: autograd records it and derives the backward. ``index``:
+    :func:`dense_index`. ``M`` and the product that applies it run in the accumulator dtype, as the kernel
+    families do: a half-precision ``M`` would round ``lambda``, not just the result. ``lambda`` and ``s_values``
+    are written by separate copies so that their gradients come back as separate tensors, not views of one."""
+    n = V.shape[0]
+    acc = acc_dtype(x.dtype)
+    lam = lambda_l if lambda_l.dtype == acc else lambda_l.to(acc)
+    s = s_values if s_values.dtype == acc else s_values.to(acc)
+    if x.device.type == "cpu":
+        # put_ writes flat positions without a view (an autograd node less); accumulate=True, adding to zeros, is
+        # the variant torch.use_deterministic_algorithms allows on the CPU
+        m_t = torch.zeros(n, n, dtype=acc, device=x.device)
+        m_t.put_(index[0], lam, accumulate=True)
+        m_t.put_(index[1], s, accumulate=True)
+    else:  # put_ has no deterministic CUDA variant, index_copy_ has
+        m_t = torch.zeros(n * n, dtype=acc, device=x.device)
+        m_t = m_t.index_copy_(0, index[0], lam).index_copy_(0, index[1], s).view(n, n)
+    z = torch.mm(x, V)
+    t = torch.mm(z if z.dtype == acc else z.to(acc), m_t)
+    return _linear(t if t.dtype == x.dtype else t.to(x.dtype), U.t(), bias)
 
 
 def backward(g, x, saved, V, U, lambda_l, s_values, lay, path: int, need_x: bool, need_lambda: bool,
@@ -111,5 +153,5 @@ def backward(g, x, saved, V, U, lambda_l, s_values, lay, path: int, need_x: bool
 
 def _linear(a, w_t, bias):
     if bias is None:
-        return a @ w_t
+        return torch.mm(a, w_t)
     return torch.addmm(bias if bias.dtype == a.dtype else bias.to(a.dtype), a, w_t)

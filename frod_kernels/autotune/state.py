@@ -105,7 +105,8 @@ def not_measured(device: torch.device) -> Optional[str]:
 
 def measures(device: torch.device) -> bool:
     """Whether ``"auto"``'s choices on ``device`` are measured now (else: the fixed order and the cost model)."""
-    return not_measured(device) is None
+    # the device type first: every CPU call asks, and the reason's message need not be built for it
+    return device.type in MEASURED_DEVICE_TYPES and not_measured(device) is None
 
 
 def device_name(device: torch.device) -> str:

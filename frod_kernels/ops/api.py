@@ -9,11 +9,14 @@ import torch
 from torch import Tensor
 
 from .. import autotune, cost_model, dispatch, engine, registry
+from .._tensor_cache import DERIVED
 from .._validation import check_frod_args
+from ..layout import check_pattern
 from . import _autocast
 from .frod_linear import layout_of
 
 _PATHS = {name: p for p, name in engine.PATH_NAMES.items()}
+_KERNEL_PATH_NAMES = {p: engine.PATH_NAMES[p] for p in engine.KERNEL_PATHS}
 # frod_linear_fwd's autocast rule: x, V, U and bias take the autocast dtype
 _CAST = (0, 1, 2, 3)
 
@@ -47,7 +50,10 @@ def frod_linear(
         bias: optional (out,) bias, trainable if it requires grad.
         layout: optional packed layout (:func:`frod_kernels.layout.build_layout` ``(...).packed``) to use instead
             of the cache; :class:`frod_kernels.FrodLinear` passes its own so compiled graphs take it as an input.
-        path: force ``"sparse"``, ``"factored"`` or ``"materialized"`` instead of the cost model's choice.
+        path: force ``"sparse"``, ``"factored"``, ``"materialized"`` or ``"dense"`` instead of the cost model's
+            choice (:mod:`frod_kernels.engine`). ``"dense"`` writes ``diag(lambda_l) + S`` as an in x in matrix and
+            runs no kernel of the backends: under the default backend ``"auto"`` the cost model takes it for layers
+            so small that the host's time per call is the cost (on the CPU only, where that was measured).
 
     Returns:
         (..., out) tensor of ``x``'s dtype.
@@ -78,9 +84,25 @@ def frod_linear(
     if path is not None:
         p = _path_from_name(path)
     else:
-        p = cost_model.choose_path(x2.shape[0], n_in, n_out, nnz, dev, training)
-        if not compiling and registry.get_backend() == "auto" and autotune.measures(x2.device):
+        auto = registry.get_backend() == "auto"
+        measured = auto and not compiling and autotune.measures(x2.device)
+        # The dense path runs no kernel and is there for the host's time: not a choice when a backend was named
+        # (its kernels are to run), when compiling (the compiled graph has no per-op host time) or among measured
+        # choices (devices where the host's time was not measured)
+        p = cost_model.choose_path(x2.shape[0], n_in, n_out, nnz, dev, training, not auto or compiling or measured)
+        if measured:
             p = _measured_path(p, x2, V, U, lambda_l, s_values, s_indices, layout, bias, training, keep)
+    if p == engine.DENSE:
+        # plain differentiable ops, traced as they are under torch.compile; eagerly, the index is cached
+        index = engine.dense_index(s_indices, n_in) if compiling else dense_index(s_indices, n_in)
+        if not autocast:
+            y = engine.dense_forward(x2, V, U, lambda_l, s_values, index, bias)
+        else:
+            if compiling:  # the rule the eager path applied above
+                x2, V, U, bias = _autocast.cast((x2, V, U, bias), _CAST, dev)
+            with torch.autocast(dev, enabled=False):
+                y = engine.dense_forward(x2, V, U, lambda_l, s_values, index, bias)
+        return y if x.dim() == 2 else y.reshape(*lead, n_out)
     if compiling:
         # without a layout, the op builds it at run time (and caches it): a data-dependent build would break the
         # graph
@@ -125,6 +147,18 @@ class _FrodLinear(torch.autograd.Function):
         return dx, dlam, ds, (g.sum(0) if need_bias else None), None, None, None, None, None, None
 
 
+def dense_index(s_indices: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """:func:`frod_kernels.engine.dense_index`, cached per pattern, which is checked first as a layout build checks
+    it: a duplicate or diagonal position would otherwise be written over silently."""
+    def build():
+        check_pattern(s_indices, n)
+        # a normal tensor even when first built in inference mode: a later training call saves it for backward
+        with torch.inference_mode(False):
+            return engine.dense_index(s_indices, n)
+
+    return DERIVED.get(s_indices, ("dense-index", n), build)
+
+
 def _autocast_on(device_type: str) -> bool:
     # autocast has no state for other device types (meta) and raises when asked
     return device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)
@@ -146,7 +180,8 @@ def _measured_path(cost_model_path, x2, V, U, lambda_l, s_values, s_indices, lay
                             x2.requires_grad, lambda_l.requires_grad, s_values.requires_grad, k)
         return y
 
-    return autotune.pick_path(key, x2.device, engine.PATH_NAMES, run, cost_model_path)
+    # the kernel paths only: the dense one is chosen by the host-time model where that was measured (the CPU)
+    return autotune.pick_path(key, x2.device, _KERNEL_PATH_NAMES, run, cost_model_path)
 
 
 def _path_from_name(name: str) -> int:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from frod_kernels import registry
+from frod_kernels import engine, registry
 from frod_kernels.bench import init, kernels, overhead
 from frod_kernels.bench.__main__ import main
 from frod_kernels.bench.common import Quiet, count_ops, measure_interleaved
@@ -53,7 +53,7 @@ def test_overhead_suite_rows(capsys):
     rows = overhead.run(TINY, CPU, Quiet())
     assert torch.get_num_threads() == threads  # one thread for the suite only
     by = {r["method"]: r for r in rows}
-    assert list(by) == list(overhead.METHODS) and len(overhead.METHODS) == 8
+    assert list(by) == list(overhead.METHODS) and len(overhead.METHODS) == 5 + len(engine.PATH_NAMES)
     lora, linear = by[overhead.LORA]["median_ms"], by[overhead.LINEAR]["median_ms"]
     for r in rows:
         assert "error" not in r, r

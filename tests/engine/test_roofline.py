@@ -32,7 +32,7 @@ def _is_family(step):
     return "row_gather" in step.name or "sampled_dot" in step.name
 
 
-@pytest.mark.parametrize("path", list(engine.PATH_NAMES))
+@pytest.mark.parametrize("path", engine.KERNEL_PATHS)
 @pytest.mark.parametrize("n_in,n_out,b", [(48, 40, 9), (24, 56, 33)])
 def test_gemm_flops_and_kernel_calls_are_the_engines(path, n_in, n_out, b, monkeypatch):
     steps, flops, calls = _engine_step(path, n_in, n_out, b, monkeypatch)
@@ -70,7 +70,7 @@ def _rows_loaded(op, args):
             (len(a_rows) + len(q_rows)) * row_bytes + index + written)
 
 
-@pytest.mark.parametrize("path", list(engine.PATH_NAMES))
+@pytest.mark.parametrize("path", engine.KERNEL_PATHS)
 @pytest.mark.parametrize("n_in,n_out,b", [(48, 40, 9), (24, 56, 33)])
 def test_family_bytes_are_the_rows_the_kernels_load(path, n_in, n_out, b, monkeypatch):
     steps, _, calls = _engine_step(path, n_in, n_out, b, monkeypatch)
@@ -104,10 +104,10 @@ def test_floors_are_rooflines():
             assert 20 < s.l2_bytes / s.bytes < 22, s.name
     best, ms = roofline.frod_floor(16384, 4096, 4096, 167772, gpu)
     assert ms == min(roofline.floor_ms(roofline.path_steps(p, 16384, 4096, 4096, 167772), gpu, "bfloat16")
-                     for p in engine.PATH_NAMES)
+                     for p in engine.KERNEL_PATHS)
     # nothing FRoD does beats the frozen layer's forward and input gradient
     assert ms > roofline.floor_ms(roofline.linear_steps(16384, 4096, 4096), gpu, "bfloat16")
-    assert best in engine.PATH_NAMES.values()
+    assert best in roofline.PATHS.values()
 
 
 def test_bench_rows_get_their_floor():
@@ -142,5 +142,5 @@ def test_summary_bolds_the_best_path_of_each_shape(capsys):
     for row, (n, b) in zip(rows, [(4096, 16384), (1024, 64)]):
         best, ms = roofline.frod_floor(b, n, n, int(n * n * 0.01), roofline.H200)
         linear = roofline.floor_ms(roofline.linear_steps(b, n, n), roofline.H200, "bfloat16")
-        bold = [name for name, cell in zip(engine.PATH_NAMES.values(), row[1:4]) if cell.startswith("**")]
+        bold = [name for name, cell in zip(roofline.PATHS.values(), row[1:4]) if cell.startswith("**")]
         assert bold == [best] and row[5] == f"{ms / linear:.2f}× |"

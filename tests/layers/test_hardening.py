@@ -13,12 +13,12 @@ import torch
 from torch import nn
 
 import frod_kernels as fk
-from frod_kernels import _validation, dispatch, registry
+from frod_kernels import _validation, dispatch, engine, registry
 from frod_kernels.layout import build_layout, packed_size
 from frod_kernels.reference import TOLERANCE, reference_grads, rel_err
 from conftest import random_pattern, random_problem
 
-PATHS = ["sparse", "factored", "materialized", None]
+PATHS = [*engine.PATH_NAMES.values(), None]
 HAS_GPU = torch.cuda.is_available()
 
 
