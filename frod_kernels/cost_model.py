@@ -19,13 +19,18 @@ SPARSE_COST = {"cpu": 16.0, "cuda": 144.0}
 # plentiful and compute is scarce. On a GPU the rebuild costs in/b of a GEMM and keeps peak memory at LoRA's.
 KEEP_MATERIALIZED_WEIGHT = {"cpu": True}
 
-# Host time of one call per path, microseconds (forward, forward + backward), where the arithmetic is negligible
-# (64 x 64, 8 tokens: frod-bench --suite overhead), and the rate of a large GEMM that turns it into multiply-adds
-# (1024^3 float32, 2 threads). Measured on the project's CPU (2 cores, torch 2.13, 2026-12-03). Only devices listed
-# here take the dense path by the model: on a GPU the host's time overlaps the kernels' instead of adding to it,
-# and nothing has been measured there.
-HOST_US = {"cpu": {SPARSE: (108, 197), FACTORED: (130, 246), MATERIALIZED: (123, 212), DENSE: (102, 160)}}
+# Host time of one call per path, microseconds (forward without autograd, forward + backward), where the arithmetic
+# is negligible (64 x 64, 8 tokens, one thread: frod-bench --suite overhead's frod_linear rows, and the same calls
+# without autograd), and the rate of a large GEMM that turns it into multiply-adds (1024^3 float32, 2 threads).
+# Measured on the project's CPU (2 cores, torch 2.13, 2026-12-03), medians of 60 interleaved rounds. Only devices
+# listed here take the dense path by the model: on a GPU the host's time overlaps the kernels' instead of adding
+# to it, and nothing has been measured there.
+HOST_US = {"cpu": {SPARSE: (63, 215), FACTORED: (73, 250), MATERIALIZED: (78, 232), DENSE: (37, 136)}}
 GEMM_MACS_PER_US = {"cpu": 84_000}
+# (multiply-adds per element, fewest rows) of a product with the dense in x in core, fitted on the same CPU to the
+# dense path's time against the sparse path's at 128-512 features and 8-64 tokens (2 threads): MKL runs these
+# skinny products well below its large-GEMM rate, and reads the whole matrix whatever the token count.
+DENSE_PASS = (2, 32)
 
 _chosen: dict[tuple, tuple[int, int]] = {}
 
@@ -37,12 +42,14 @@ def path_costs(b: int, n_in: int, n_out: int, nnz: int, device_type: str, traini
     c_build = k * n_out * (n_in + nnz)
     apply = k * b * (n_in + nnz)
     x_v, t_u, w_build = b * n_in * n_in, b * n_in * n_out, n_in * n_in * n_out
-    z_m = b * n_in * n_in  # the dense path's product with M^T, and each of its two in backward
+    # the dense path's product with M^T, and each of its two in backward: a stream over the in x in matrix for few
+    # tokens; fitted to the CPU, the one device that takes the path (DENSE_PASS)
+    z_m = DENSE_PASS[0] * max(b, DENSE_PASS[1]) * n_in * n_in
     fwd = {
         SPARSE: x_v + apply + t_u,
         FACTORED: c_build + x_v + t_u,
         MATERIALIZED: c_build + w_build + t_u,
-        DENSE: n_in * n_in + x_v + z_m + t_u,
+        DENSE: x_v + z_m + t_u,
     }
     if training:
         keep = KEEP_MATERIALIZED_WEIGHT.get(device_type, False)

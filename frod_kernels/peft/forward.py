@@ -48,7 +48,7 @@ def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     # live on x's device
     lambda_l = _on_device(self.frod_lambda_l[adapter], device)
     s_values = _on_device(self.frod_lambda_s_values[adapter], device)
-    base_layer = self.get_base_layer()
+    base_layer = _base_layer(self)
     dropout = self.frod_dropout[adapter]
 
     if isinstance(dropout, nn.Identity) or not dropout.training:
@@ -69,6 +69,14 @@ def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     return result if result.dtype == dtype else result.to(dtype)
 
 
+def _base_layer(layer: nn.Module) -> nn.Module:
+    """``layer.get_base_layer()`` without its ``hasattr``, which on the innermost layer costs a raised and caught
+    AttributeError per call: PEFT registers every ``base_layer`` as a submodule."""
+    while "base_layer" in layer._modules:
+        layer = layer._modules["base_layer"]
+    return layer
+
+
 def _on_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t if t.device == device else t.to(device=device)
 
@@ -77,15 +85,21 @@ def _fusable_adapter(layer, x) -> Optional[str]:
     """The one active adapter when the fused path computes what PEFT's forward does, else None."""
     if layer.disable_adapters or layer.merged or layer.frod_V is None or layer.frod_s_indices is None:
         return None
-    active = [a for a in layer.active_adapters if a in layer.frod_lambda_s_values]
-    if len(active) != 1:
-        return None
+    active = layer.active_adapter
+    if isinstance(active, str):  # PEFT's usual case: no list to build
+        if active not in layer.frod_lambda_s_values:
+            return None
+    else:
+        active = [a for a in active if a in layer.frod_lambda_s_values]
+        if len(active) != 1:
+            return None
+        active = active[0]
     if not isinstance(x, torch.Tensor) or x.dtype not in (torch.float16, torch.bfloat16, torch.float32,
                                                           torch.float64):
         return None
     if x.dim() < 1 or x.shape[-1] != layer.in_features:
         return None
-    return active[0]
+    return active
 
 
 def _column_major_u(layer, adapter: str) -> torch.Tensor:
