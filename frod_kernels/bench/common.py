@@ -19,6 +19,7 @@ import contextlib
 import datetime
 import os
 import platform
+import random
 import shlex
 import statistics
 import sys
@@ -44,7 +45,7 @@ def measure_time(fn: Callable[[], object], device: torch.device, repeats: int, w
 def measure_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int, warmup: int,
                         timer: Callable[[Callable[[], object], torch.device], float] = time_once,
                         before: Optional[dict[str, Callable[[], object]]] = None) -> dict[str, dict]:
-    """``measure_time`` for several methods at once, timed in rounds that run each method once.
+    """``measure_time`` for several methods at once, timed in rounds that run each method once, in a shuffled order.
 
     Side-by-side ratios then see the same machine: a shared or throttling CPU drifts by 10-20% over the seconds
     one method's repeats take, which timing the methods one after the other would read as a difference between
@@ -59,10 +60,14 @@ def measure_interleaved(fns: dict[str, Callable[[], object]], device: torch.devi
             fn()
     synchronize(device)
     times: dict[str, list[float]] = {name: [] for name in fns}
+    # Each round in its own order (seeded, so runs are comparable): a call runs slower after one that filled the
+    # caches with its own data, and a fixed order would hand every method the same predecessor, every round.
+    order, rng = list(fns), random.Random(0)
     for _ in range(repeats):
-        for name, fn in fns.items():
+        rng.shuffle(order)
+        for name in order:
             before.get(name, _nothing)()
-            times[name].append(timer(fn, device))
+            times[name].append(timer(fns[name], device))
     return {name: summarize(ts) for name, ts in times.items()}
 
 

@@ -46,8 +46,8 @@ def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     U = _device_copy(_column_major_u(self, adapter), device, dtype)
     # PEFT moves the trainable tensors with a differentiable .to(); skipped (an op call less) where they already
     # live on x's device
-    lambda_l = _on_device(self.frod_lambda_l[adapter], device)
-    s_values = _on_device(self.frod_lambda_s_values[adapter], device)
+    lambda_l = _on_device(_parameter(self.frod_lambda_l, adapter), device)
+    s_values = _on_device(_parameter(self.frod_lambda_s_values, adapter), device)
     base_layer = _base_layer(self)
     dropout = self.frod_dropout[adapter]
 
@@ -75,6 +75,13 @@ def _base_layer(layer: nn.Module) -> nn.Module:
     while "base_layer" in layer._modules:
         layer = layer._modules["base_layer"]
     return layer
+
+
+def _parameter(params: nn.ParameterDict, key: str) -> torch.Tensor:
+    """``params[key]``: read from the dict's ``_parameters`` where it is one (``ParameterDict.__getitem__`` goes
+    through ``getattr`` and costs about 3 µs a call, a tenth of this whole forward's own time)."""
+    p = params._parameters.get(key)
+    return p if p is not None else params[key]
 
 
 def _on_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
