@@ -47,8 +47,10 @@ def check_frod_args(x, V, U, lambda_l, s_values, s_indices, bias, layout=None) -
     """Every argument of :func:`frod_kernels.frod_linear`. A training step calls this once per layer, so all that
     cannot change without a tensor changing (every argument's shape, dtype and device, and the values the finite
     checks read) is checked once per state of the arguments (:mod:`frod_kernels._tensor_cache`): a call re-checks
-    only what an optimizer step or a write changed. What can change without that (``x``, grad mode, the
-    ``requires_grad`` flags) is a handful of attribute reads per call."""
+    only what an optimizer step or a write changed. An optimizer step writes the trainable tensors in place (their
+    version counters move, nothing else does), so it costs only their finite checks, where "auto" makes those. What
+    can change without a tensor changing (``x``, grad mode, the ``requires_grad`` flags) is a handful of attribute
+    reads per call."""
     check_tensor("x", x)
     if x.dim() < 1:
         raise ValueError("x: expected shape (..., in_features), got a 0-D tensor")
@@ -56,17 +58,24 @@ def check_frod_args(x, V, U, lambda_l, s_values, s_indices, bias, layout=None) -
     if torch.compiler.is_compiling():
         _check_arguments(x.device, V, U, lambda_l, s_values, s_indices, bias, layout, False)  # becomes guards
     else:
+        trainable = (lambda_l, s_values, bias)
         try:
-            stamp = (x.device, mode) + tuple(None if t is None else (id(t), state(t))
-                                             for t in (V, s_indices, layout, lambda_l, s_values, bias))
+            # the frozen tensors by state; the trainable ones by identity, storage and shape, their versions apart
+            stamp = (x.device, mode) + tuple(None if t is None else (id(t), state(t)) for t in (V, s_indices, layout)) \
+                + tuple(None if t is None else (id(t), t.data_ptr(), t.shape) for t in trainable)
+            versions = tuple(None if t is None else state(t)[0] for t in trainable)
             passed = _ONCE.peek(U, "arguments", stamp)
         except (AttributeError, TypeError):  # an argument that is no tensor: the full check names it
-            passed = stamp = None
+            passed = stamp = versions = None
+        capturing = x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        finite = mode is not False and not capturing
         if passed is None:
-            capturing = x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-            _check_arguments(x.device, V, U, lambda_l, s_values, s_indices, bias, layout,
-                             mode is not False and not capturing)
-            _ONCE.get(U, "arguments", lambda: True, stamp)
+            _check_arguments(x.device, V, U, lambda_l, s_values, s_indices, bias, layout, finite)
+            _ONCE.get(U, "arguments", lambda: [versions], stamp)
+        elif passed[0] != versions:
+            if finite:
+                _check_trainable_finite(x.device, lambda_l, s_values, bias)
+            passed[0] = versions
     n = V.shape[0]
     if x.shape[-1] != n:
         raise ValueError(f"x: expected last dim in_features={n} (from V), got shape {tuple(x.shape)}")
@@ -117,10 +126,15 @@ def _check_arguments(device: torch.device, V, U, lambda_l, s_values, s_indices, 
         for name, t in (("V", V), ("U", U)):
             if _checkable(t):
                 _ONCE.get(t, "finite", lambda name=name, t=t: check_finite(name, t) or True)
-        if device.type == "cpu":
-            for name, t in (("lambda_l", lambda_l), ("s_values", s_values), ("bias", bias)):
-                if t is not None and _checkable(t):
-                    check_finite(name, t)
+        _check_trainable_finite(device, lambda_l, s_values, bias)
+
+
+def _check_trainable_finite(device: torch.device, lambda_l, s_values, bias) -> None:
+    """"auto"'s finite checks of the trainable tensors: on the CPU only, where reading them needs no sync."""
+    if device.type == "cpu":
+        for name, t in (("lambda_l", lambda_l), ("s_values", s_values), ("bias", bias)):
+            if t is not None and _checkable(t):
+                check_finite(name, t)
 
 
 def _check_basis(V) -> None:

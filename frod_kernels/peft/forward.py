@@ -92,12 +92,13 @@ def _fusable_adapter(layer, x) -> Optional[str]:
     """The one active adapter when the fused path computes what PEFT's forward does, else None."""
     if layer.disable_adapters or layer.merged or layer.frod_V is None or layer.frod_s_indices is None:
         return None
-    active = layer.active_adapter
-    if isinstance(active, str):  # PEFT's usual case: no list to build
-        if active not in layer.frod_lambda_s_values:
+    active, trained = layer.active_adapter, layer.frod_lambda_s_values
+    if isinstance(active, str) or len(active) == 1:  # PEFT's usual cases: no list to build
+        active = active if isinstance(active, str) else active[0]
+        if active not in trained:
             return None
     else:
-        active = [a for a in active if a in layer.frod_lambda_s_values]
+        active = [a for a in active if a in trained]
         if len(active) != 1:
             return None
         active = active[0]

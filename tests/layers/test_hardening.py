@@ -143,6 +143,33 @@ def test_bad_path_and_backend_names(no_kernels):
     assert_names(e, "backend")
 
 
+def test_an_optimizer_step_costs_only_the_finite_checks_it_made_stale(monkeypatch):
+    args = good_args()
+    lam = args["lambda_l"]
+    fk.frod_linear(**args)
+    full, finite = [], []
+    real_full = _validation._check_arguments
+    monkeypatch.setattr(_validation, "_check_arguments", lambda *a: full.append(1) or real_full(*a))
+    real_finite = _validation.check_finite
+    monkeypatch.setattr(_validation, "check_finite", lambda name, t: finite.append(name) or real_finite(name, t))
+    fk.frod_linear(**args)
+    assert full == [] and finite == []  # nothing changed: nothing re-checked
+    with torch.no_grad():
+        lam.mul_(1.5)  # what an optimizer step does: same tensor, new version
+    fk.frod_linear(**args)
+    assert full == [] and set(finite) <= {"lambda_l", "s_values", "bias"} and "lambda_l" in finite
+    with torch.no_grad():
+        lam[2] = float("nan")  # and a NaN it writes is still caught ("auto" reads trainable tensors on the CPU)
+    with pytest.raises(ValueError) as e:
+        fk.frod_linear(**args)
+    assert_names(e, "lambda_l")
+    args["lambda_l"] = torch.ones(7)  # another tensor (here of the wrong shape) is checked in full
+    with pytest.raises(ValueError) as e:
+        fk.frod_linear(**args)
+    assert_names(e, "lambda_l")
+    assert full == [1]
+
+
 def test_finite_checks_switch(monkeypatch):
     args = good_args()
     args["lambda_l"][1] = float("nan")
