@@ -17,8 +17,8 @@ work happens and in how many dense products a step costs:
   the cost (:mod:`frod_kernels.cost_model`). The kernel families play no part in it.
 
 Every sparse step of the first three paths (:data:`KERNEL_PATHS`, which :func:`forward` and :func:`backward` run)
-is a call of ``kernels.row_gather`` or ``kernels.sampled_dot`` (a :class:`Kernels`, resolved
-once per device by :mod:`frod_kernels.dispatch`): a plain function call, no custom-op dispatch per step.
+is a call of ``kernels.row_gather`` or ``kernels.sampled_dot`` (a :class:`Kernels`, resolved once per device by
+:mod:`frod_kernels.dispatch`): a plain function call, no custom-op dispatch per step.
 
 Layouts. A gather reads whole rows of its operand, so every operand it gathers from is row-contiguous: the
 activations ``z^T``, ``dt^T`` (in x b) and ``U^T`` (in x out). ``U^T`` is row-contiguous when U is stored

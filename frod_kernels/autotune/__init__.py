@@ -10,7 +10,8 @@ candidate on the call's own tensors, keeps the fastest, and caches the choice, a
 * a kernel-family op: key (op, device name, dtype, operand layout, power-of-two classes of rows, columns and
   nonzeros per row); candidates: every backend that can run (:mod:`.kernels`);
 * a layer call (:func:`frod_kernels.frod_linear`): key (device name, dtype, power-of-two class of tokens, in,
-  out, nnz, training); candidates: the three paths, each run forward (and backward when training) (:mod:`.paths`).
+  out, nnz, training); candidates: the three kernel paths, each run forward (and backward when training)
+  (:mod:`.paths`).
 
 Each candidate runs once untimed (Triton compiles and autotunes then) and its result is compared with the torch
 twin's (or, for paths, the cost model's path's) within the dtype's tolerance of docs/DESIGN.md section 5. A

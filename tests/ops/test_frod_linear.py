@@ -161,3 +161,32 @@ def test_ops_pass_opcheck():
         args = (x, V, U, lam.requires_grad_(True), s.requires_grad_(True), si, lay.packed, b, path, False)
         torch.library.opcheck(torch.ops.frod.frod_linear_fwd.default, args,
                               test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_dense_path_traces_whole_under_torch_compile():
+    # the dense path is plain ops under torch.compile (no custom op): fullgraph, and the same gradients
+    x, V, U, lam, s, si, b = random_problem(24, 16, 40, lead=(5,), dtype=torch.float32)
+    grad_out = torch.randn(5, 16)
+    fn = torch.compile(lambda *a: fk.frod_linear(*a, path="dense"), backend="aot_eager", fullgraph=True)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, lam, s, b)]
+    y = fn(leaves[0], V, U, leaves[1], leaves[2], si, leaves[3])
+    y.backward(grad_out)
+    ref = reference_grads(x, V, U, lam, s, si, b, grad_out)
+    for got, want in zip([y] + [t.grad for t in leaves], ref):
+        assert rel_err(got, want) <= TOLERANCE[torch.float32]
+
+
+def test_dense_path_under_autocast_and_deterministic_algorithms():
+    x, V, U, lam, s, si, b = random_problem(24, 16, 40, lead=(5,), dtype=torch.float32)
+    grad_out = torch.randn(5, 16)
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = run(x, V, U, lam, s, si, b, grad_out.bfloat16(), path="dense")
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    assert got[0].dtype == torch.bfloat16 and got[2].dtype == lam.dtype  # lambda's gradient is never rounded
+    ref = reference_grads(x, V, U, lam, s, si, b, grad_out.bfloat16().float())
+    for g, r in zip(got, ref):
+        assert rel_err(g.float(), r) <= TOLERANCE[torch.bfloat16]
