@@ -101,10 +101,11 @@ def _methods(base: nn.Linear, device: torch.device, dtype: torch.dtype, backends
     nnz = idx.shape[1]
 
     def path(tokens):
-        # what the step ran: auto's measured choice where it measured one, else the cost model's
+        # what the step ran: auto's measured choice where it measured one, else the cost model's among the kernel
+        # paths (each method names its backend, which rules the dense path out)
         key = autotune.path_key(tokens, V.shape[0], U.shape[0], nnz, dtype, device, True)
         return autotune.chosen(key) or engine.PATH_NAMES[
-            cost_model.choose_path(tokens, V.shape[0], U.shape[0], nnz, device.type, True)]
+            cost_model.choose_path(tokens, V.shape[0], U.shape[0], nnz, device.type, True, kernels_only=True)]
 
     methods = []
     for b in backends:
