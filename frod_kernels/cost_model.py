@@ -65,7 +65,7 @@ def path_costs(b: int, n_in: int, n_out: int, nnz: int, device_type: str, traini
         del fwd[DENSE]
         return fwd
     rate = GEMM_MACS_PER_US[device_type]
-    return {p: c + rate * host[p][training] for p, c in fwd.items()}
+    return {p: c + rate * host[p][1 if training else 0] for p, c in fwd.items()}  # an int: dynamo indexes no bool
 
 
 def choose_path(b: int, n_in: int, n_out: int, nnz: int, device_type: str, training: bool,
@@ -80,4 +80,4 @@ def choose_path(b: int, n_in: int, n_out: int, nnz: int, device_type: str, train
         best = min(costs, key=costs.__getitem__)
         costs.pop(DENSE, None)
         both = _chosen[key] = (best, min(costs, key=costs.__getitem__))
-    return both[kernels_only]
+    return both[1 if kernels_only else 0]
