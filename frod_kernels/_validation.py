@@ -67,13 +67,11 @@ def check_frod_args(x, V, U, lambda_l, s_values, s_indices, bias, layout=None) -
             passed = _ONCE.peek(U, "arguments", stamp)
         except (AttributeError, TypeError):  # an argument that is no tensor: the full check names it
             passed = stamp = versions = None
-        capturing = x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        finite = mode is not False and not capturing
         if passed is None:
-            _check_arguments(x.device, V, U, lambda_l, s_values, s_indices, bias, layout, finite)
+            _check_arguments(x.device, V, U, lambda_l, s_values, s_indices, bias, layout, _reads_values(mode, x))
             _ONCE.get(U, "arguments", lambda: [versions], stamp)
         elif passed[0] != versions:
-            if finite:
+            if _reads_values(mode, x):
                 _check_trainable_finite(x.device, lambda_l, s_values, bias)
             passed[0] = versions
     n = V.shape[0]
@@ -88,6 +86,12 @@ def check_frod_args(x, V, U, lambda_l, s_values, s_indices, bias, layout=None) -
         for name, t in (("x", x), ("lambda_l", lambda_l), ("s_values", s_values), ("bias", bias)):
             if t is not None and _checkable(t):
                 check_finite(name, t)
+
+
+def _reads_values(mode, x) -> bool:
+    """Whether the finite checks may read tensors now: not switched off, and no CUDA graph being captured (a sync is
+    illegal there)."""
+    return mode is not False and not (x.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
 # Checks that passed, per state of the arguments: an entry holds True, and a failing check raises before one is made.

@@ -41,6 +41,7 @@ from ._numerics import acc_dtype
 SPARSE, FACTORED, MATERIALIZED, DENSE = 0, 1, 2, 3
 PATH_NAMES = {SPARSE: "sparse", FACTORED: "factored", MATERIALIZED: "materialized", DENSE: "dense"}
 KERNEL_PATHS = (SPARSE, FACTORED, MATERIALIZED)
+KERNEL_PATH_NAMES = {p: PATH_NAMES[p] for p in KERNEL_PATHS}
 
 # Fewest tokens for which an activation a gather reads is produced feature-major by its GEMM, per device type
 # (see the module docstring). On the CPU the crossover lies between 8 and 64 tokens (2 cores, in = 1024).

@@ -215,7 +215,7 @@ class FrodLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(self.dropout, nn.Identity) or not self.training:
             basis = self.basis  # each attribute of a module is a lookup: fetched once per call
-            return frod_linear(x, basis.V, self.U_t.t(), self.lambda_l, self.s_values, basis.s_indices, self.bias,
+            return frod_linear(x, basis.V, self.U, self.lambda_l, self.s_values, basis.s_indices, self.bias,
                                layout=basis.layout)
         # PEFT's order: the base term sees x, then dropout draws its mask, and only the delta sees h.
         w = self.base_weight.to(x.dtype)

@@ -53,10 +53,7 @@ import sys
 from typing import Optional
 
 from ._table import format_table
-from .engine import FACTORED, KERNEL_PATHS, MATERIALIZED, PATH_NAMES, SPARSE
-
-# The paths the kernel families run. The dense path is not modelled: it is taken for its host time, on the CPU.
-PATHS = {p: PATH_NAMES[p] for p in KERNEL_PATHS}
+from .engine import FACTORED, KERNEL_PATH_NAMES, MATERIALIZED, SPARSE
 
 __all__ = ["GPU", "H200", "Step", "floor_ms", "frod_floor", "lora_steps", "linear_steps", "path_steps"]
 
@@ -170,9 +167,10 @@ def floor_ms(steps: list[Step], gpu: GPU, dtype: str) -> float:
 
 def frod_floor(b: int, n_in: int, n_out: int, nnz: int, gpu: GPU, dtype: str = "bfloat16",
                training: bool = True) -> tuple[str, float]:
-    """(path, ms): the path with the lowest floor, and that floor: the least time FRoD's math allows here."""
+    """(path, ms): the path with the lowest floor, and that floor: the least time FRoD's math allows here. Over the
+    paths the kernel families run: the dense path, taken for its host time on the CPU, has no roofline."""
     floors = {name: floor_ms(path_steps(p, b, n_in, n_out, nnz, dtype, training), gpu, dtype)
-              for p, name in PATHS.items()}
+              for p, name in KERNEL_PATH_NAMES.items()}
     best = min(floors, key=floors.__getitem__)
     return best, floors[best]
 
@@ -186,7 +184,7 @@ def table(shapes: list[tuple[int, int, int]], gpu: GPU, dtype: str, sparse_rate:
     for n_in, n_out, b in shapes:
         nnz = int(n_in * n_in * sparse_rate)
         linear = floor_ms(linear_steps(b, n_in, n_out, dtype), gpu, dtype)
-        for p, name in PATHS.items():
+        for p, name in KERNEL_PATH_NAMES.items():
             path = path_steps(p, b, n_in, n_out, nnz, dtype)
             flops, moved, loaded = (sum(getattr(s, f) for s in path) for f in ("flops", "bytes", "l2_bytes"))
             ms = floor_ms(path, gpu, dtype)
@@ -212,11 +210,11 @@ def summary(shapes: list[tuple[int, int, int]], gpu: GPU, dtype: str, sparse_rat
         best, best_ms = frod_floor(b, n_in, n_out, nnz, gpu, dtype)
         linear = floor_ms(linear_steps(b, n_in, n_out, dtype), gpu, dtype)
         cells = []
-        for p, name in PATHS.items():
+        for p, name in KERNEL_PATH_NAMES.items():
             cell = _ms(floor_ms(path_steps(p, b, n_in, n_out, nnz, dtype), gpu, dtype))
             cells.append((f"**{cell}**" if markdown else f"{cell} *") if name == best else cell)
         rows.append([f"{n_in} × {n_out}, {b}", *cells, _ms(linear), f"{best_ms / linear:.2f}×"])
-    headers = ["shape (in × out), tokens", *PATHS.values(), "frozen `nn.Linear` (fwd + dx)",
+    headers = ["shape (in × out), tokens", *KERNEL_PATH_NAMES.values(), "frozen `nn.Linear` (fwd + dx)",
                "best FRoD / Linear"]
     if not markdown:
         return format_table(headers, rows)

@@ -23,7 +23,6 @@ from .layer import runnable_backends
 from .sizes import Sizes
 
 TENSORS = ("y", "dx", "dlambda_l", "ds_values", "dbias")
-PATHS = tuple(engine.PATH_NAMES[p] for p in sorted(engine.PATH_NAMES))
 
 # A candidate computes y = frod_linear(x, V, U, lambda_l, s_values, s_indices, bias) differentiably.
 Candidate = Callable[..., torch.Tensor]
@@ -41,18 +40,20 @@ class CheckFailed(RuntimeError):
 
 
 def backend_candidates(device: torch.device) -> list[tuple[str, Candidate]]:
-    """``("<backend>/<path>", fn)`` for each backend that can run on ``device`` and each engine path."""
+    """``("<backend>/<path>", fn)`` for each backend that can run on ``device`` and each path that runs the kernel
+    families, and ``("dense", fn)`` once: the dense path runs no backend's kernels, so it is the same under all."""
     def make(backend, path):
         def fn(x, V, U, lambda_l, s_values, s_indices, bias):
             with fk.use_backend(backend):
                 return fk.frod_linear(x, V, U, lambda_l, s_values, s_indices, bias, path=path)
         fn.backend = backend
         return fn
-    return [(f"{b}/{p}", make(b, p)) for b in runnable_backends(device) for p in PATHS]
+    return [(f"{b}/{p}", make(b, p)) for b in runnable_backends(device) for p in engine.KERNEL_PATH_NAMES.values()] \
+        + [(engine.PATH_NAMES[engine.DENSE], make("torch", engine.PATH_NAMES[engine.DENSE]))]
 
 
 def n_steps(sizes: Sizes, device: torch.device, candidates=None) -> int:
-    n = len(candidates) if candidates is not None else len(runnable_backends(device)) * len(PATHS)
+    n = len(candidates) if candidates is not None else len(backend_candidates(device))
     return len(sizes.layer_shapes) * len(sizes.check_tokens) * n
 
 

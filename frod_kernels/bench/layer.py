@@ -187,8 +187,8 @@ def add_floors(group: list[dict], gpu: "roofline.GPU", nnz: int) -> None:
             floor = roofline.floor_ms(roofline.lora_steps(b, n_in, n_out, peft_models.LORA_RANK, dtype), gpu, dtype)
         else:
             floor = roofline.frod_floor(b, n_in, n_out, nnz, gpu, dtype)[1]
-            if r.get("path") in roofline.PATHS.values():  # the dense path has no roofline
-                p = next(k for k, v in roofline.PATHS.items() if v == r["path"])
+            if r.get("path") in engine.KERNEL_PATH_NAMES.values():  # the dense path has no roofline
+                p = next(k for k, v in engine.KERNEL_PATH_NAMES.items() if v == r["path"])
                 r["path_floor_ms"] = roofline.floor_ms(roofline.path_steps(p, b, n_in, n_out, nnz, dtype), gpu,
                                                        dtype)
         r["floor_ms"] = floor

@@ -25,8 +25,8 @@ from torch import nn
 
 import frod_kernels as fk
 
+from .. import engine
 from . import peft_models
-from .check import PATHS
 from .common import busy_gpu, count_ops, host_ms, measure_interleaved, synchronize
 from .sizes import Sizes
 
@@ -45,7 +45,7 @@ def frod_linear_method(path: str) -> str:
     return f"frod_linear [path={path}]"
 
 
-METHODS = (LINEAR, LORA, PEFT_FROD, ACCELERATED, FROD_LINEAR, *(frod_linear_method(p) for p in PATHS))
+METHODS = (LINEAR, LORA, PEFT_FROD, ACCELERATED, FROD_LINEAR, *(frod_linear_method(p) for p in engine.PATH_NAMES.values()))
 
 
 def n_steps(sizes: Sizes, device: torch.device) -> int:
@@ -97,7 +97,7 @@ def _steps(device: torch.device) -> tuple[dict[str, Callable[[], object]], dict[
                                               accelerated_layer.frod_lambda_s_values["default"]]),
         FROD_LINEAR: step(frod_layer, [frod_layer.lambda_l, frod_layer.s_values]),
     }
-    for p in PATHS:
+    for p in engine.PATH_NAMES.values():
         steps[frod_linear_method(p)] = step(lambda x, p=p: fk.frod_linear(x, V, U, lam, s, idx, path=p), [lam, s])
     # accelerate() swaps PEFT's forward at class level: PEFT FRoD's calls run with PEFT's own, untouched.
     before = {PEFT_FROD: lambda: fkp.accelerate(accelerated_model, enabled=False),

@@ -16,7 +16,6 @@ from . import _autocast
 from .frod_linear import layout_of
 
 _PATHS = {name: p for p, name in engine.PATH_NAMES.items()}
-_KERNEL_PATH_NAMES = {p: engine.PATH_NAMES[p] for p in engine.KERNEL_PATHS}
 # frod_linear_fwd's autocast rule: x, V, U and bias take the autocast dtype
 _CAST = (0, 1, 2, 3)
 
@@ -94,7 +93,7 @@ def frod_linear(
             p = _measured_path(p, x2, V, U, lambda_l, s_values, s_indices, layout, bias, training, keep)
     if p == engine.DENSE:
         # plain differentiable ops, traced as they are under torch.compile; eagerly, the index is cached
-        index = engine.dense_index(s_indices, n_in) if compiling else dense_index(s_indices, n_in)
+        index = engine.dense_index(s_indices, n_in) if compiling else _cached_dense_index(s_indices, n_in)
         if not autocast:
             y = engine.dense_forward(x2, V, U, lambda_l, s_values, index, bias)
         else:
@@ -147,7 +146,7 @@ class _FrodLinear(torch.autograd.Function):
         return dx, dlam, ds, (g.sum(0) if need_bias else None), None, None, None, None, None, None
 
 
-def dense_index(s_indices: Tensor, n: int) -> tuple[Tensor, Tensor]:
+def _cached_dense_index(s_indices: Tensor, n: int) -> tuple[Tensor, Tensor]:
     """:func:`frod_kernels.engine.dense_index`, cached per pattern, which is checked first as a layout build checks
     it: a duplicate or diagonal position would otherwise be written over silently."""
     def build():
@@ -181,7 +180,7 @@ def _measured_path(cost_model_path, x2, V, U, lambda_l, s_values, s_indices, lay
         return y
 
     # the kernel paths only: the dense one is chosen by the host-time model where that was measured (the CPU)
-    return autotune.pick_path(key, x2.device, _KERNEL_PATH_NAMES, run, cost_model_path)
+    return autotune.pick_path(key, x2.device, engine.KERNEL_PATH_NAMES, run, cost_model_path)
 
 
 def _path_from_name(name: str) -> int:

@@ -92,22 +92,16 @@ def _fusable_adapter(layer, x) -> Optional[str]:
     """The one active adapter when the fused path computes what PEFT's forward does, else None."""
     if layer.disable_adapters or layer.merged or layer.frod_V is None or layer.frod_s_indices is None:
         return None
-    active, trained = layer.active_adapter, layer.frod_lambda_s_values
-    if isinstance(active, str) or len(active) == 1:  # PEFT's usual cases: no list to build
-        active = active if isinstance(active, str) else active[0]
-        if active not in trained:
-            return None
-    else:
-        active = [a for a in active if a in trained]
-        if len(active) != 1:
-            return None
-        active = active[0]
+    trained = layer.frod_lambda_s_values  # once: a module attribute is a lookup
+    active = [a for a in layer.active_adapters if a in trained]
+    if len(active) != 1:
+        return None
     if not isinstance(x, torch.Tensor) or x.dtype not in (torch.float16, torch.bfloat16, torch.float32,
                                                           torch.float64):
         return None
     if x.dim() < 1 or x.shape[-1] != layer.in_features:
         return None
-    return active
+    return active[0]
 
 
 def _column_major_u(layer, adapter: str) -> torch.Tensor:

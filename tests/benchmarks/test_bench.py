@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import frod_kernels as fk
-from frod_kernels import registry
+from frod_kernels import engine, registry
 from frod_kernels.bench import check
 from frod_kernels.bench.__main__ import main
 from frod_kernels.bench.common import Quiet, measure_peak_memory
@@ -28,7 +28,7 @@ CPU = torch.device("cpu")
 def test_check_passes_every_backend_and_path_on_cpu():
     rows = check.run(TINY, CPU, Quiet())
     # Triton joins under TRITON_INTERPRET=1 (tests/backends/test_triton_backend.py sets it for the session).
-    assert {f"torch/{p}" for p in check.PATHS} <= {r["candidate"] for r in rows}
+    assert {f"torch/{p}" for p in engine.KERNEL_PATH_NAMES.values()} | {"dense"} <= {r["candidate"] for r in rows}
     for r in rows:
         assert r["ok"] and set(r["rel_err"]) == set(check.TENSORS)
         assert max(r["rel_err"].values()) <= TOLERANCE[torch.float32]
@@ -260,7 +260,7 @@ def test_check_passes_every_backend_and_path_on_gpu(dtype):
     import dataclasses
 
     rows = check.run(dataclasses.replace(TINY, dtype=dtype), torch.device("cuda"), Quiet())
-    assert {f"torch/{p}" for p in check.PATHS} <= {r["candidate"] for r in rows}
+    assert {f"torch/{p}" for p in engine.KERNEL_PATH_NAMES.values()} | {"dense"} <= {r["candidate"] for r in rows}
     assert all(r["ok"] for r in rows)
 
 
