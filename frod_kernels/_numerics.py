@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# for membership tests on a hot path (a set lookup, not a scan with tensor-dtype comparisons)
+FLOAT_DTYPE_SET = frozenset(FLOAT_DTYPES)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -1,5 +1,6 @@
-"""Values derived from a tensor, kept until the tensor is written, replaced or freed: the one way the package caches
-by tensor identity (pattern layouts, device copies, argument checks, solver factorizations, content digests).
+"""Values derived from a tensor, kept until the tensor is written, replaced or freed: how the package caches by
+one tensor's identity (pattern layouts, device copies, finite checks, solver factorizations, content digests).
+A layer call's arguments, several tensors at once, are kept by the same rules in :class:`frod_kernels.ops.api._Call`.
 
 Tensors hash by identity but compare elementwise, so a WeakKeyDictionary cannot hold them, and ``id()`` values are
 reused once a tensor is freed: an entry keeps a weak reference and is dropped when its tensor is freed. An entry

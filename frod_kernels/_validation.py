@@ -1,9 +1,9 @@
 """Input checks for the public entry points: every error names the argument, what it got and what was expected.
 
-Shape, dtype, device and pattern checks always run (host-side metadata, checked once per state of the arguments,
-plus one pass over the pattern when its layout is first built). Non-finite checks read tensor data, which on a GPU
-costs a device sync per checked tensor, so they have a switch, :func:`set_checks` / :func:`checks` (or
-``FROD_CHECK_FINITE=auto|1|0``):
+Shape, dtype, device and pattern checks always run (host-side metadata, checked once per state of a layer's
+arguments: :class:`frod_kernels.ops.api._Call`; plus one pass over the pattern when its layout is first built).
+Non-finite checks read tensor data, which on a GPU costs a device sync per checked tensor, so they have a switch,
+:func:`set_checks` / :func:`checks` (or ``FROD_CHECK_FINITE=auto|1|0``):
 
 * ``"auto"`` (default): only what costs no per-step sync. The frozen ``V`` and ``U`` are checked once per tensor
   version on any device (one sync per layer per process on a GPU, then never again); the trainable ``lambda_l``,
@@ -28,7 +28,7 @@ import torch
 
 from . import _env
 from ._numerics import FLOAT_DTYPES
-from ._tensor_cache import TensorCache, state
+from ._tensor_cache import TensorCache
 from .layout import packed_size
 
 
@@ -44,36 +44,18 @@ def check_tensor(name: str, t, *, dim: int | None = None, dtypes=FLOAT_DTYPES) -
 
 
 def check_frod_args(x, V, U, lambda_l, s_values, s_indices, bias, layout=None) -> None:
-    """Every argument of :func:`frod_kernels.frod_linear`. A training step calls this once per layer, so all that
-    cannot change without a tensor changing (every argument's shape, dtype and device, and the values the finite
-    checks read) is checked once per state of the arguments (:mod:`frod_kernels._tensor_cache`): a call re-checks
-    only what an optimizer step or a write changed. An optimizer step writes the trainable tensors in place (their
-    version counters move, nothing else does), so it costs only their finite checks, where "auto" makes those. What
-    can change without a tensor changing (``x``, grad mode, the ``requires_grad`` flags) is a handful of attribute
-    reads per call."""
+    """Every argument of :func:`frod_kernels.frod_linear`, in full. A training step calls each layer with the same
+    tensors in the same states, so :func:`frod_kernels.frod_linear` runs this only when a layer's arguments changed
+    (:class:`frod_kernels.ops.api._Call`): after an optimizer step only the trainable tensors' finite checks re-run
+    (:func:`check_trainable_finite`)."""
     check_tensor("x", x)
     if x.dim() < 1:
         raise ValueError("x: expected shape (..., in_features), got a 0-D tensor")
     mode = finite_mode()
-    if torch.compiler.is_compiling():
-        _check_arguments(x.device, V, U, lambda_l, s_values, s_indices, bias, layout, False)  # becomes guards
-    else:
-        trainable = (lambda_l, s_values, bias)
-        try:
-            # the frozen tensors by state; the trainable ones by identity, storage and shape, their versions apart
-            stamp = (x.device, mode) + tuple(None if t is None else (id(t), state(t)) for t in (V, s_indices, layout)) \
-                + tuple(None if t is None else (id(t), t.data_ptr(), t.shape) for t in trainable)
-            versions = tuple(None if t is None else state(t)[0] for t in trainable)
-            passed = _ONCE.peek(U, "arguments", stamp)
-        except (AttributeError, TypeError):  # an argument that is no tensor: the full check names it
-            passed = stamp = versions = None
-        if passed is None:
-            _check_arguments(x.device, V, U, lambda_l, s_values, s_indices, bias, layout, _reads_values(mode, x))
-            _ONCE.get(U, "arguments", lambda: [versions], stamp)
-        elif passed[0] != versions:
-            if _reads_values(mode, x):
-                _check_trainable_finite(x.device, lambda_l, s_values, bias)
-            passed[0] = versions
+    compiling = torch.compiler.is_compiling()
+    # traced, the metadata checks become guards and no value is read
+    _check_arguments(x.device, V, U, lambda_l, s_values, s_indices, bias, layout,
+                     not compiling and reads_values(mode, x))
     n = V.shape[0]
     if x.shape[-1] != n:
         raise ValueError(f"x: expected last dim in_features={n} (from V), got shape {tuple(x.shape)}")
@@ -81,20 +63,20 @@ def check_frod_args(x, V, U, lambda_l, s_values, s_indices, bias, layout=None) -
         name = "V" if V.requires_grad else "U"
         raise ValueError(f"{name}: must not require grad (FRoD keeps the basis and projection frozen); "
                          f"call {name}.requires_grad_(False)")
-    if mode is True and not torch.compiler.is_compiling() and not (
-            x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+    if mode is True and not compiling and not (x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         for name, t in (("x", x), ("lambda_l", lambda_l), ("s_values", s_values), ("bias", bias)):
             if t is not None and _checkable(t):
                 check_finite(name, t)
 
 
-def _reads_values(mode, x) -> bool:
+def reads_values(mode, x) -> bool:
     """Whether the finite checks may read tensors now: not switched off, and no CUDA graph being captured (a sync is
     illegal there)."""
     return mode is not False and not (x.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
-# Checks that passed, per state of the arguments: an entry holds True, and a failing check raises before one is made.
+# The frozen tensors' finite checks that passed, per tensor state: an entry holds True, and a failing check raises
+# before one is made.
 _ONCE = TensorCache()
 
 
@@ -130,10 +112,10 @@ def _check_arguments(device: torch.device, V, U, lambda_l, s_values, s_indices, 
         for name, t in (("V", V), ("U", U)):
             if _checkable(t):
                 _ONCE.get(t, "finite", lambda name=name, t=t: check_finite(name, t) or True)
-        _check_trainable_finite(device, lambda_l, s_values, bias)
+        check_trainable_finite(device, lambda_l, s_values, bias)
 
 
-def _check_trainable_finite(device: torch.device, lambda_l, s_values, bias) -> None:
+def check_trainable_finite(device: torch.device, lambda_l, s_values, bias) -> None:
     """"auto"'s finite checks of the trainable tensors: on the CPU only, where reading them needs no sync."""
     if device.type == "cpu":
         for name, t in (("lambda_l", lambda_l), ("s_values", s_values), ("bias", bias)):

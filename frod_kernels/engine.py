@@ -36,7 +36,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from ._numerics import acc_dtype
+from . import frozen_gemm
 
 SPARSE, FACTORED, MATERIALIZED, DENSE = 0, 1, 2, 3
 PATH_NAMES = {SPARSE: "sparse", FACTORED: "factored", MATERIALIZED: "materialized", DENSE: "dense"}
@@ -62,10 +62,18 @@ def gemm_writes_transpose(b: int, device_type: str) -> bool:
 
 
 def _feature_major(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``(a @ w)^T`` (w: square or out x in, a: b x in), as the device's GEMMs produce it fastest."""
-    if gemm_writes_transpose(a.shape[0], a.device.type):
+    """``(a @ w)^T`` (w: the frozen V or U, a: b x in), as the device's GEMMs produce it fastest: a packed product
+    (:mod:`frod_kernels.frozen_gemm`) writes it token-major, faster than MKL writes either layout."""
+    if gemm_writes_transpose(a.shape[0], a.device.type) and not frozen_gemm.packs(a, w):
         return w.t() @ a.t()
-    return (a @ w).t()
+    return frozen_gemm.mm(a, w).t()
+
+
+def _frozen_left(w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``w @ b`` for the frozen ``w`` (``V`` or ``V^T``): as ``(b^T w^T)^T`` where that product is packed."""
+    if frozen_gemm.packs(b.t(), w.t()):
+        return frozen_gemm.mm(b.t(), w.t()).t()
+    return w @ b
 
 
 def full_rank_update_t(U, lambda_l, s_values, lay, k: Kernels):
@@ -81,13 +89,13 @@ def forward(x, V, U, lambda_l, s_values, lay, bias, path: int, keep_weight: bool
     if path == SPARSE:
         z_t = _feature_major(x, V)
         t_t = k.row_gather(z_t, lambda_l, s_values.index_select(0, lay.row_perm), lay.row_ptr, lay.row_src)
-        return _linear(t_t.t(), U.t(), bias), z_t
+        return frozen_gemm.mm(t_t.t(), U.t(), bias), z_t
     c_t = full_rank_update_t(U, lambda_l, s_values, lay, k)
     if path == FACTORED:
         z_t = _feature_major(x, V)
-        return _linear(z_t.t(), c_t, bias), z_t
-    w_t = V @ c_t
-    return _linear(x, w_t, bias), (w_t if keep_weight else x.new_empty(0))
+        return frozen_gemm.plain(z_t.t(), c_t, bias), z_t
+    w_t = _frozen_left(V, c_t)
+    return frozen_gemm.plain(x, w_t, bias), (w_t if keep_weight else x.new_empty(0))
 
 
 def dense_index(s_indices: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,27 +105,34 @@ def dense_index(s_indices: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Te
     return diag, s_indices[1].long() * n + s_indices[0].long()
 
 
-def dense_forward(x, V, U, lambda_l, s_values, index, bias):
-    """The ``DENSE`` path, forward only: autograd records it and derives the backward. ``index``:
-    :func:`dense_index`. ``M`` and the product that applies it run in the accumulator dtype, as the kernel
-    families do: a half-precision ``M`` would round ``lambda``, not just the result. ``lambda`` and ``s_values``
-    are written by separate copies so that their gradients come back as separate tensors, not views of one."""
+def dense_forward(x, V, U_t, lambda_l, s_values, index, bias):
+    """The ``DENSE`` path, forward only: autograd records it and derives the backward. ``U_t``: ``U^T`` (in x out), the
+    operand of the last product. ``index``: :func:`dense_index`. ``M`` and the product that applies it run in the
+    accumulator dtype, as the kernel families do: a half-precision ``M`` would round ``lambda``, not just the
+    result. ``lambda`` and ``s_values`` are written by separate copies so that their gradients come back as separate
+    tensors, not views of one.
+
+    Written for host time, the path's reason to exist: each line here is paid per layer call, and in a training
+    step the Python around the ops costs about what the ops do (dtypes compared by identity, no helper calls)."""
     n = V.shape[0]
-    acc = acc_dtype(x.dtype)
-    lam = lambda_l if lambda_l.dtype == acc else lambda_l.to(acc)
-    s = s_values if s_values.dtype == acc else s_values.to(acc)
-    if x.device.type == "cpu":
+    acc = torch.float64 if x.dtype is torch.float64 else torch.float32  # acc_dtype, inlined
+    lam = lambda_l if lambda_l.dtype is acc else lambda_l.to(acc)
+    s = s_values if s_values.dtype is acc else s_values.to(acc)
+    if x.is_cpu:
         # put_ writes flat positions without a view (an autograd node less); accumulate=True, adding to zeros, is
         # the variant torch.use_deterministic_algorithms allows on the CPU
-        m_t = torch.zeros(n, n, dtype=acc, device=x.device)
+        m_t = lam.new_zeros(n, n)
         m_t.put_(index[0], lam, accumulate=True)
         m_t.put_(index[1], s, accumulate=True)
     else:  # put_ has no deterministic CUDA variant, index_copy_ has
-        m_t = torch.zeros(n * n, dtype=acc, device=x.device)
-        m_t = m_t.index_copy_(0, index[0], lam).index_copy_(0, index[1], s).view(n, n)
-    z = torch.mm(x, V)
-    t = torch.mm(z if z.dtype == acc else z.to(acc), m_t)
-    return _linear(t if t.dtype == x.dtype else t.to(x.dtype), U.t(), bias)
+        m_t = lam.new_zeros(n * n).index_copy_(0, index[0], lam).index_copy_(0, index[1], s).view(n, n)
+    t = torch.mm(x, V)
+    t = torch.mm(t if t.dtype is acc else t.to(acc), m_t)
+    if t.dtype is not x.dtype:
+        t = t.to(x.dtype)
+    if bias is None:
+        return torch.mm(t, U_t)
+    return torch.addmm(bias if bias.dtype is t.dtype else bias.to(t.dtype), t, U_t)
 
 
 def backward(g, x, saved, V, U, lambda_l, s_values, lay, path: int, need_x: bool, need_lambda: bool,
@@ -125,11 +140,11 @@ def backward(g, x, saved, V, U, lambda_l, s_values, lay, path: int, need_x: bool
     """Gradients ``(dx, dlambda, ds)``, each ``None`` where not needed."""
     dx = dlam = ds_grouped = None
     if path == MATERIALIZED:
-        w_t = saved if saved.numel() else V @ full_rank_update_t(U, lambda_l, s_values, lay, k)
+        w_t = saved if saved.numel() else _frozen_left(V, full_rank_update_t(U, lambda_l, s_values, lay, k))
         if need_x:
             dx = g @ w_t.t()
         if need_lambda or need_s:
-            db_t = V.t() @ (x.t() @ g)  # (dW' V)^T = V^T dW'^T, in x out
+            db_t = _frozen_left(V.t(), x.t() @ g)  # (dW' V)^T = V^T dW'^T, in x out
             ds_grouped, dlam = k.sampled_dot(U.t(), db_t, lay.row_ptr, lay.row_src)
     else:
         z_t = saved
@@ -141,7 +156,7 @@ def backward(g, x, saved, V, U, lambda_l, s_values, lay, path: int, need_x: bool
                 dz = k.row_gather(dt_t, lambda_l, s_values.index_select(0, lay.col_perm), lay.col_ptr, lay.col_src).t()
             else:
                 dz = g @ full_rank_update_t(U, lambda_l, s_values, lay, k).t()
-            dx = dz @ V.t()
+            dx = frozen_gemm.mm(dz, V.t())
     ds = None
     if need_s:
         if ds_grouped.dtype != s_values.dtype:
@@ -150,9 +165,3 @@ def backward(g, x, saved, V, U, lambda_l, s_values, lay, path: int, need_x: bool
     if need_lambda and dlam.dtype != lambda_l.dtype:
         dlam = dlam.to(lambda_l.dtype)
     return dx, (dlam if need_lambda else None), ds
-
-
-def _linear(a, w_t, bias):
-    if bias is None:
-        return torch.mm(a, w_t)
-    return torch.addmm(bias if bias.dtype == a.dtype else bias.to(a.dtype), a, w_t)

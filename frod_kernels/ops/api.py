@@ -1,16 +1,22 @@
 """:func:`frod_linear`, the public op: argument checks, the path choice, and the call of the engine (eagerly through
-:class:`_FrodLinear`, under ``torch.compile`` through the custom ops of :mod:`.frod_linear`)."""
+:class:`_FrodLinear`, under ``torch.compile`` through the custom ops of :mod:`.frod_linear`).
+
+Host time. A training step calls each layer with the same tensors in the same states (an optimizer step writes
+the trainable ones in place), so what the checks and the setup found is kept per layer in a :class:`_Call` and a
+call that finds its arguments unchanged does only :meth:`_Call.holds`: identity and state reads, no check."""
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .. import autotune, cost_model, dispatch, engine, registry
+from .. import _validation, autotune, cost_model, dispatch, engine, registry
+from .._numerics import FLOAT_DTYPE_SET
 from .._tensor_cache import DERIVED
-from .._validation import check_frod_args
+from ..autotune.state import STATE
 from ..layout import check_pattern
 from . import _autocast
 from .frod_linear import layout_of
@@ -60,61 +66,209 @@ def frod_linear(
     Gradients flow to ``x``, ``lambda_l``, ``s_values`` and ``bias`` (first order). ``V`` and ``U`` must not
     require grad.
     """
-    check_frod_args(x, V, U, lambda_l, s_values, s_indices, bias, layout)
-    n_in, n_out, nnz = V.shape[0], U.shape[0], s_values.shape[0]
-    lead = x.shape[:-1]
+    return layer_call(x, V, U, False, lambda_l, s_values, s_indices, bias, layout, path)
+
+
+def layer_call(x, V, u, transposed: bool, lambda_l, s_values, s_indices, bias, layout, path) -> Tensor:
+    """:func:`frod_linear` with ``u`` either ``U`` or, ``transposed``, ``U^T`` (in x out): the dense path
+    multiplies by ``U^T``, so a caller that stores it (:class:`frod_kernels.FrodLinear`) passes it and no view is
+    made per call."""
+    if torch.compiler.is_compiling():
+        U = u.t() if transposed else u
+        _validation.check_frod_args(x, V, U, lambda_l, s_values, s_indices, bias, layout)
+        return _traced(x, V, U, lambda_l, s_values, s_indices, bias, layout, path)
+    forced = None if path is None else _path_from_name(path)
+    call = _CALLS.get(id(lambda_l))
+    if call is None or not call.holds(x, V, u, transposed, lambda_l, s_values, s_indices, bias, layout):
+        _validation.check_frod_args(x, V, u.t() if transposed and isinstance(u, Tensor) else u, lambda_l, s_values,
+                                    s_indices, bias, layout)
+        call = _Call(x, V, u, transposed, lambda_l, s_values, s_indices, bias, layout)
+    return call.run(x, V, u, lambda_l, s_values, s_indices, bias, layout, forced)
+
+
+_CALLS: dict[int, "_Call"] = {}
+
+
+def _none() -> None:
+    return None
+
+
+class _Call:
+    """One layer's arguments as checked, and what follows from them: the pattern's layouts, the path. Kept per
+    ``lambda_l`` (one per layer) while the arguments hold: :meth:`holds` reads their identities and states, which
+    costs a fraction of the checks, and after an optimizer step (the trainable tensors written in place) re-runs
+    only their finite checks. Holds weak references only: it keeps no tensor alive."""
+
+    __slots__ = ("device", "n_in", "n_out", "nnz", "transposed", "autocast", "mode", "refs", "u", "u_view", "state",
+                 "generation", "tuning", "index", "lay", "choice")
+
+    def __init__(self, x, V, u, transposed, lambda_l, s_values, s_indices, bias, layout) -> None:
+        self.device, self.transposed = x.device, transposed
+        self.n_in, self.n_out, self.nnz = V.shape[0], u.shape[1 if transposed else 0], s_values.shape[0]
+        self.index = self.lay = self.choice = None
+        # autocast has no state for other device types (meta) and raises when asked
+        self.autocast = x.device.type if x.device.type in ("cpu", "cuda") else None
+        mode = self.mode = _validation.finite_mode()
+        if mode is True or (mode is not False and not _validation.reads_values(mode, x)) or any(
+                t is not None and t.is_inference() for t in (V, u, lambda_l, s_values, s_indices, bias, layout)):
+            # values to be read every call, or none readable now, or a tensor without a version counter: such a
+            # call is checked in full every time, as it is not kept
+            return
+        key = id(lambda_l)
+        base = u._base
+        self.refs = (weakref.ref(V), weakref.ref(lambda_l, lambda _, key=key: _CALLS.pop(key, None)),
+                     weakref.ref(s_values), weakref.ref(s_indices), _none if bias is None else weakref.ref(bias),
+                     _none if layout is None else weakref.ref(layout))
+        # U by identity, or a view of U made anew per call (U_t.t()) by its base and geometry
+        self.u = weakref.ref(u)
+        self.u_view = None if base is None else (weakref.ref(base), u.shape, u.stride())
+        self.state = _state(V, u, lambda_l, s_values, s_indices, bias, layout)
+        self.generation, self.tuning = registry.generation, STATE.generation
+        _CALLS[key] = self
+
+    def holds(self, x, V, u, transposed, lambda_l, s_values, s_indices, bias, layout) -> bool:
+        """Whether the arguments are those checked, in the states checked (the trainable tensors' versions apart:
+        a write by an optimizer step re-runs their finite checks here)."""
+        refs = self.refs
+        if not (refs[1]() is lambda_l and refs[0]() is V and refs[2]() is s_values and refs[3]() is s_indices
+                and refs[4]() is bias and refs[5]() is layout and transposed is self.transposed):
+            return False
+        if self.u() is not u:
+            view = self.u_view
+            if view is None or u._base is not view[0]() or u.shape != view[1] or u.stride() != view[2]:
+                return False
+        try:
+            if not (x.dtype in FLOAT_DTYPE_SET and x.layout is torch.strided and x.dim() > 0
+                    and x.shape[-1] == self.n_in and x.device == self.device):
+                return False
+        except (AttributeError, TypeError):  # x is no tensor: the full checks name it
+            return False
+        if ((V.requires_grad or u.requires_grad) and torch.is_grad_enabled()
+                or registry.generation != self.generation or STATE.generation != self.tuning
+                or _validation.finite_mode() != self.mode):
+            return False
+        state = _state(V, u, lambda_l, s_values, s_indices, bias, layout)
+        if state != self.state:
+            if state[_TRAINED_VERSIONS:] != self.state[_TRAINED_VERSIONS:]:
+                return False
+            # only the trainable tensors were written (an optimizer step): their finite checks, where "auto" reads
+            if self.mode is not False:
+                _validation.check_trainable_finite(x.device, lambda_l, s_values, bias)
+            self.state = state
+        return True
+
+    def run(self, x, V, u, lambda_l, s_values, s_indices, bias, layout, path: Optional[int]) -> Tensor:
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.n_in)
+        autocast = self.autocast is not None and torch.is_autocast_enabled(self.autocast)
+        if autocast:
+            # the custom op's autocast rule, applied here; the call then runs with autocast off
+            x2, V, u, bias = _autocast.cast((x2, V, u, bias), _CAST, self.autocast)
+        dtype = x2.dtype
+        if V.dtype is not dtype or u.dtype is not dtype or (bias is not None and bias.dtype is not dtype):
+            V, u, bias = _in_dtype(dtype, V, u, bias)
+        training = _training(x, lambda_l, s_values, bias)
+        if path is not None:
+            p, keep = path, training and cost_model.KEEP_MATERIALIZED_WEIGHT.get(x2.device.type, False)
+        else:
+            choice = self.choice
+            if choice is None or choice[0] != x2.shape[0] or choice[1] is not training:
+                choice = self._choose(x2, V, u, lambda_l, s_values, s_indices, bias, layout, training)
+            p, keep = choice[2], choice[3]
+        if autocast:
+            with torch.autocast(self.autocast, enabled=False):
+                y = self._apply(p, keep, x2, V, u, lambda_l, s_values, s_indices, bias, layout)
+        else:
+            y = self._apply(p, keep, x2, V, u, lambda_l, s_values, s_indices, bias, layout)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.n_out)
+
+    def _choose(self, x2, V, u, lambda_l, s_values, s_indices, bias, layout, training) -> tuple:
+        """(tokens, training, path, keep W'), kept for the next call unless the path was measured (a measured
+        choice depends on more than the shape: :func:`frod_kernels.autotune.measures`)."""
+        b, dev = x2.shape[0], x2.device.type
+        keep = training and cost_model.KEEP_MATERIALIZED_WEIGHT.get(dev, False)
+        auto = registry.get_backend() == "auto"
+        measured = auto and autotune.measures(x2.device)
+        # The dense path runs no kernel and is there for the host's time: not a choice when a backend was named
+        # (its kernels are to run) or among measured choices (devices where the host's time was not measured)
+        p = cost_model.choose_path(b, self.n_in, self.n_out, self.nnz, dev, training, not auto or measured)
+        if measured:
+            p = _measured_path(p, x2, V, u.t() if self.transposed else u, lambda_l, s_values,
+                               self.layout(s_indices, layout), bias, training, keep)
+        choice = (b, training, p, keep)
+        if not measured:
+            self.choice = choice
+        return choice
+
+    def _apply(self, p, keep, x2, V, u, lambda_l, s_values, s_indices, bias, layout) -> Tensor:
+        if p == engine.DENSE:
+            if self.index is None:
+                self.index = _cached_dense_index(s_indices, self.n_in)
+            return engine.dense_forward(x2, V, u if self.transposed else u.t(), lambda_l, s_values, self.index, bias)
+        return _FrodLinear.apply(x2, lambda_l, s_values, bias, V, u.t() if self.transposed else u,
+                                 self.layout(s_indices, layout), p, keep, dispatch.kernels(x2.device.type))
+
+    def layout(self, s_indices, layout):
+        if self.lay is None:
+            self.lay = layout_of(s_indices, layout, self.n_in, self.nnz)
+        return self.lay
+
+
+def _state(V, u, lambda_l, s_values, s_indices, bias, layout) -> tuple:
+    """The trainable tensors' versions (what an optimizer step changes), then what a write or a ``.data`` swap of
+    any argument changes: the frozen tensors' versions and every storage. One flat tuple, compared once per call."""
+    return (lambda_l._version, s_values._version, bias is not None and bias._version,
+            lambda_l.data_ptr(), s_values.data_ptr(), bias is not None and bias.data_ptr(),
+            V._version, V.data_ptr(), u._version, u.data_ptr(), s_indices._version, s_indices.data_ptr(),
+            layout is not None and layout._version, layout is not None and layout.data_ptr())
+
+
+# where _state's entries that an optimizer step leaves alone begin
+_TRAINED_VERSIONS = 3
+
+
+def _in_dtype(dtype, V, U, bias):
+    """``V``, ``U`` and ``bias`` in the compute dtype (cast per call where the caller stores them in another)."""
+    if V.dtype != dtype:
+        V = V.to(dtype)
+    if U.dtype != dtype:
+        U = U.to(dtype)
+    if bias is not None and bias.dtype != dtype:
+        bias = bias.to(dtype)
+    return V, U, bias
+
+
+def _training(x, lambda_l, s_values, bias) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or lambda_l.requires_grad or s_values.requires_grad
+                                        or (bias is not None and bias.requires_grad))
+
+
+def _traced(x, V, U, lambda_l, s_values, s_indices, bias, layout, path) -> Tensor:
+    """:func:`frod_linear` under ``torch.compile``: the custom op (with its own autocast rule), or the dense path's
+    plain ops, traced as they are. The dense path is not a choice of the cost model here: a compiled graph has no
+    per-op host time."""
+    n_in, n_out = V.shape[0], U.shape[0]
     x2 = x if x.dim() == 2 else x.reshape(-1, n_in)
     dev = x.device.type
-    compiling = torch.compiler.is_compiling()
-    autocast = _autocast_on(dev)
-    if autocast and not compiling:
-        # the eager path applies the custom op's autocast rule itself, then runs with autocast off
-        x2, V, U, bias = _autocast.cast((x2, V, U, bias), _CAST, dev)
-    cd = x2.dtype
-    if V.dtype != cd:
-        V = V.to(cd)
-    if U.dtype != cd:
-        U = U.to(cd)
-    if bias is not None and bias.dtype != cd:
-        bias = bias.to(cd)
-    training = torch.is_grad_enabled() and (x.requires_grad or lambda_l.requires_grad or s_values.requires_grad
-                                            or (bias is not None and bias.requires_grad))
+    V, U, bias = _in_dtype(x2.dtype, V, U, bias)
+    training = _training(x, lambda_l, s_values, bias)
     keep = training and cost_model.KEEP_MATERIALIZED_WEIGHT.get(dev, False)
     if path is not None:
         p = _path_from_name(path)
     else:
-        auto = registry.get_backend() == "auto"
-        measured = auto and not compiling and autotune.measures(x2.device)
-        # The dense path runs no kernel and is there for the host's time: not a choice when a backend was named
-        # (its kernels are to run), when compiling (the compiled graph has no per-op host time) or among measured
-        # choices (devices where the host's time was not measured)
-        p = cost_model.choose_path(x2.shape[0], n_in, n_out, nnz, dev, training, not auto or compiling or measured)
-        if measured:
-            p = _measured_path(p, x2, V, U, lambda_l, s_values, s_indices, layout, bias, training, keep)
+        p = cost_model.choose_path(x2.shape[0], n_in, n_out, s_values.shape[0], dev, training, True)
     if p == engine.DENSE:
-        # plain differentiable ops, traced as they are under torch.compile; eagerly, the index is cached
-        index = engine.dense_index(s_indices, n_in) if compiling else _cached_dense_index(s_indices, n_in)
-        if not autocast:
-            y = engine.dense_forward(x2, V, U, lambda_l, s_values, index, bias)
-        else:
-            if compiling:  # the rule the eager path applied above
-                x2, V, U, bias = _autocast.cast((x2, V, U, bias), _CAST, dev)
+        index = engine.dense_index(s_indices, n_in)
+        if _autocast_on(dev):
+            x2, V, U, bias = _autocast.cast((x2, V, U, bias), _CAST, dev)
             with torch.autocast(dev, enabled=False):
-                y = engine.dense_forward(x2, V, U, lambda_l, s_values, index, bias)
-        return y if x.dim() == 2 else y.reshape(*lead, n_out)
-    if compiling:
+                y = engine.dense_forward(x2, V, U.t(), lambda_l, s_values, index, bias)
+        else:
+            y = engine.dense_forward(x2, V, U.t(), lambda_l, s_values, index, bias)
+    else:
         # without a layout, the op builds it at run time (and caches it): a data-dependent build would break the
         # graph
         y, _ = torch.ops.frod.frod_linear_fwd(x2, V, U, lambda_l, s_values, s_indices, layout, bias, p, keep)
-        return y.reshape(*lead, n_out)
-    lay = layout_of(s_indices, layout, n_in, nnz)
-    k = dispatch.kernels(dev)
-    if autocast:
-        with torch.autocast(dev, enabled=False):
-            y = _FrodLinear.apply(x2, lambda_l, s_values, bias, V, U, lay, p, keep, k)
-    else:
-        y = _FrodLinear.apply(x2, lambda_l, s_values, bias, V, U, lay, p, keep, k)
-    return y if x.dim() == 2 else y.reshape(*lead, n_out)
+    return y.reshape(*x.shape[:-1], n_out)
 
 
 class _FrodLinear(torch.autograd.Function):
@@ -163,12 +317,11 @@ def _autocast_on(device_type: str) -> bool:
     return device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)
 
 
-def _measured_path(cost_model_path, x2, V, U, lambda_l, s_values, s_indices, layout, bias, training, keep) -> int:
+def _measured_path(cost_model_path, x2, V, U, lambda_l, s_values, lay, bias, training, keep) -> int:
     """:func:`frod_kernels.autotune.pick_path` for this call: each candidate path runs this call's forward (and,
     training, a backward with the output as its gradient: no draw from the caller's RNG, whose stream dropout
     and data order depend on) on detached copies of its inputs, outside autograd."""
     key = autotune.path_key(x2.shape[0], V.shape[0], U.shape[0], s_values.shape[0], x2.dtype, x2.device, training)
-    lay = layout_of(s_indices, layout, V.shape[0], s_values.shape[0])
     k = dispatch.kernels(x2.device.type)
 
     def run(p: int) -> Tensor:

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "frod_kernels"
 # Low to high. A module imports only modules of its own layer or below, except for UPWARD.
 LAYERS = [
     ["_env", "_numerics", "_table", "_tensor_cache", "reference", "registry"],
-    ["layout", "_validation", "cache"],
+    ["layout", "_validation", "cache", "frozen_gemm"],
     ["backends"],
     ["autotune"],
     ["engine", "cost_model", "dispatch"],

@@ -64,6 +64,32 @@ def test_trained_layer_matches_the_float64_reference_and_merged_weight():
     assert rel_err(layer.merged_weight(), W) <= 1e-5
 
 
+def test_a_layer_follows_optimizer_steps_and_conversions():
+    # each call after the first reuses what the first checked (ops/api.py): an optimizer step, a dtype conversion
+    # (which swaps the parameters' storages in place) and a new bias must all be seen
+    torch.manual_seed(0)
+    layer = fk.FrodLinear.from_linear(nn.Linear(16, 12), sparse_rate=0.1, cache=False)
+    opt = torch.optim.SGD([layer.lambda_l, layer.s_values], lr=0.1)
+
+    def reference(x):
+        S = dense_s(layer.s_values, layer.s_indices, 16)
+        W = layer.U.double() @ (torch.diag(layer.lambda_l.double()) + S) @ layer.V.double().t()
+        return x.double() @ W.t() + layer.bias.double()
+
+    for _ in range(3):
+        x = torch.randn(8, 16)
+        y = layer(x)
+        assert rel_err(y, reference(x)) <= 1e-5
+        y.square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    layer.double()
+    x = torch.randn(8, 16, dtype=torch.float64)
+    assert layer(x).dtype == torch.float64 and rel_err(layer(x), reference(x)) <= 1e-10
+    layer.bias = nn.Parameter(torch.randn(12, dtype=torch.float64))
+    assert rel_err(layer(x), reference(x)) <= 1e-10
+
+
 def test_dropout_follows_peft_semantics():
     lin = nn.Linear(24, 16)
     layer = fk.FrodLinear.from_linear(lin, dropout=0.3).train()

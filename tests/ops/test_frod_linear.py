@@ -6,7 +6,7 @@ import torch
 import frod_kernels as fk
 from frod_kernels import cost_model, engine
 from frod_kernels.reference import TOLERANCE, reference_grads, rel_err
-from conftest import random_problem, run
+from conftest import random_pattern, random_problem, run
 
 PATHS = list(engine.PATH_NAMES.values())
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -90,8 +90,6 @@ def test_cost_model_picks_by_shape():
 
 
 def test_rewritten_pattern_is_not_served_from_cache():
-    from conftest import random_pattern
-
     x, V, U, lam, s, si, b = random_problem(30, 20, 50, dtype=torch.float64)
     fk.frod_linear(x, V, U, lam, s, si, b)  # caches the layout of si
     si.copy_(random_pattern(30, 50, torch.Generator().manual_seed(1)))  # same tensor object, new contents
@@ -190,3 +188,95 @@ def test_dense_path_under_autocast_and_deterministic_algorithms():
     ref = reference_grads(x, V, U, lam, s, si, b, grad_out.bfloat16().float())
     for g, r in zip(got, ref):
         assert rel_err(g.float(), r) <= TOLERANCE[torch.bfloat16]
+
+
+# ---- a layer's later calls: what its first call checked and resolved is kept while the arguments hold -----------
+
+def leaf(t):
+    return None if t is None else t.detach().clone().requires_grad_(True)
+
+
+def check_call(x, V, U, lam, s, si, b, dtype, **kw):
+    """One forward and backward with these (kept) leaves, against the float64 reference of their values now."""
+    grad_out = torch.randn(*x.shape[:-1], U.shape[0], dtype=x.dtype)
+    y = fk.frod_linear(x, V, U, lam, s, si, b, **kw)
+    trained = {name: t for name, t in zip(["dx", "dlambda", "ds", "dbias"], (x, lam, s, b))
+               if t is not None and t.requires_grad}
+    got = dict(y=y, **dict(zip(trained, torch.autograd.grad(y, list(trained.values()), grad_out))))
+    ref = dict(zip(["y", "dx", "dlambda", "ds", "dbias"], reference_grads(x, V, U, lam, s, si, b, grad_out)))
+    for name, g in got.items():
+        assert rel_err(g, ref[name]) <= TOLERANCE[dtype], name
+
+
+def _write(t, value):
+    with torch.no_grad():
+        t.copy_(value)
+
+
+CHANGES = {
+    # an optimizer step: the trainable tensors written in place
+    "lambda and s written": lambda a: (_write(a["lam"], a["lam"] * 1.5), _write(a["s"], -a["s"])),
+    # what Module.to() does to a parameter: the same object, another storage
+    "s_values .data swapped": lambda a: setattr(a["s"], "data", a["s"].detach() * 2),
+    "V written": lambda a: _write(a["V"], a["V"].flip(0)),
+    "U replaced": lambda a: a.update(U=a["U"] * 0.5),
+    "bias dropped": lambda a: a.update(b=None),
+    "pattern rewritten": lambda a: _write(a["si"], random_pattern(16, 20, torch.Generator().manual_seed(3))),
+    "x in float32": lambda a: a.update(x=leaf(a["x"].float())),
+    "x with other leading dims": lambda a: a.update(x=leaf(a["x"].reshape(2, 4, 16))),
+    "other tokens": lambda a: a.update(x=leaf(torch.randn(300, 16, dtype=torch.float64))),
+    "no grad for lambda": lambda a: a["lam"].requires_grad_(False),
+}
+
+
+@pytest.mark.parametrize("path", [None, "sparse"])
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_a_later_call_follows_every_change_of_its_arguments(change, path, monkeypatch):
+    # None: the cost model's pick, the dense path at this size on the CPU; "sparse": a kernel path
+    from frod_kernels import _validation
+
+    checked = []
+    real = _validation._check_arguments
+    monkeypatch.setattr(_validation, "_check_arguments", lambda *a: checked.append(1) or real(*a))
+    x, V, U, lam, s, si, b = random_problem(16, 12, 20, lead=(8,), dtype=torch.float64)
+    a = dict(x=leaf(x), V=V, U=U, lam=leaf(lam), s=leaf(s), si=si, b=leaf(b))
+    names = ["x", "V", "U", "lam", "s", "si", "b"]
+    check_call(*(a[n] for n in names), torch.float64, path=path)
+    check_call(*(a[n] for n in names), torch.float64, path=path)
+    assert checked == [1]  # the second call was the kept one: nothing re-checked
+    CHANGES[change](a)
+    dtype = a["x"].dtype
+    check_call(*(a[n] for n in names), dtype, path=path)
+
+
+def test_a_kept_call_holds_no_tensor_alive():
+    import gc
+    import weakref
+
+    from frod_kernels.ops import api
+
+    x, V, U, lam, s, si, b = random_problem(16, 12, 20, lead=(8,))
+    fk.frod_linear(x, V, U, lam, s, si, b)
+    key = id(lam)
+    assert key in api._CALLS
+    refs = [weakref.ref(t) for t in (V, U, lam, s, si, b)]
+    del x, V, U, lam, s, si, b
+    gc.collect()
+    assert all(r() is None for r in refs)
+    assert key not in api._CALLS
+
+
+def test_a_named_backend_after_auto_runs_its_kernels(monkeypatch):
+    # the kept call's path choice is "auto"'s; naming a backend must not reuse it (the dense path runs no kernel)
+    dense = []
+    real = engine.dense_forward
+    monkeypatch.setattr(engine, "dense_forward", lambda *a: dense.append(1) or real(*a))
+    x, V, U, lam, s, si, b = random_problem(16, 12, 20, lead=(8,), dtype=torch.float64)
+    lam, s = leaf(lam), leaf(s)
+    check_call(x, V, U, lam, s, si, b, torch.float64)
+    assert dense == [1]
+    with fk.use_backend("torch"):
+        check_call(x, V, U, lam, s, si, b, torch.float64)
+    assert dense == [1]
+    check_call(x, V, U, lam, s, si, b, torch.float64)
+    assert dense == [1, 1]
