@@ -63,7 +63,7 @@ def check_frod_args(x, V, U, lambda_l, s_values, s_indices, bias, layout=None) -
         name = "V" if V.requires_grad else "U"
         raise ValueError(f"{name}: must not require grad (FRoD keeps the basis and projection frozen); "
                          f"call {name}.requires_grad_(False)")
-    if mode is True and not compiling and not (x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+    if mode is True and not compiling and reads_values(mode, x):
         for name, t in (("x", x), ("lambda_l", lambda_l), ("s_values", s_values), ("bias", bias)):
             if t is not None and _checkable(t):
                 check_finite(name, t)

@@ -37,6 +37,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from . import frozen_gemm
+from ._numerics import acc_dtype
 
 SPARSE, FACTORED, MATERIALIZED, DENSE = 0, 1, 2, 3
 PATH_NAMES = {SPARSE: "sparse", FACTORED: "factored", MATERIALIZED: "materialized", DENSE: "dense"}
@@ -113,9 +114,9 @@ def dense_forward(x, V, U_t, lambda_l, s_values, index, bias):
     tensors, not views of one.
 
     Written for host time, the path's reason to exist: each line here is paid per layer call, and in a training
-    step the Python around the ops costs about what the ops do (dtypes compared by identity, no helper calls)."""
+    step the Python around the ops costs about what the ops do (no no-op casts: each is still an op call)."""
     n = V.shape[0]
-    acc = torch.float64 if x.dtype is torch.float64 else torch.float32  # acc_dtype, inlined
+    acc = acc_dtype(x.dtype)
     lam = lambda_l if lambda_l.dtype is acc else lambda_l.to(acc)
     s = s_values if s_values.dtype is acc else s_values.to(acc)
     if x.is_cpu:
@@ -128,11 +129,7 @@ def dense_forward(x, V, U_t, lambda_l, s_values, index, bias):
         m_t = lam.new_zeros(n * n).index_copy_(0, index[0], lam).index_copy_(0, index[1], s).view(n, n)
     t = torch.mm(x, V)
     t = torch.mm(t if t.dtype is acc else t.to(acc), m_t)
-    if t.dtype is not x.dtype:
-        t = t.to(x.dtype)
-    if bias is None:
-        return torch.mm(t, U_t)
-    return torch.addmm(bias if bias.dtype is t.dtype else bias.to(t.dtype), t, U_t)
+    return frozen_gemm.plain(t if t.dtype is x.dtype else t.to(x.dtype), U_t, bias)
 
 
 def backward(g, x, saved, V, U, lambda_l, s_values, lay, path: int, need_x: bool, need_lambda: bool,

@@ -16,7 +16,7 @@ from torch import Tensor
 from .. import _validation, autotune, cost_model, dispatch, engine, registry
 from .._numerics import FLOAT_DTYPE_SET
 from .._tensor_cache import DERIVED
-from ..autotune.state import STATE
+from ..autotune.state import MEASURED_DEVICE_TYPES, STATE
 from ..layout import check_pattern
 from . import _autocast
 from .frod_linear import layout_of
@@ -106,8 +106,7 @@ class _Call:
         self.device, self.transposed = x.device, transposed
         self.n_in, self.n_out, self.nnz = V.shape[0], u.shape[1 if transposed else 0], s_values.shape[0]
         self.index = self.lay = self.choice = None
-        # autocast has no state for other device types (meta) and raises when asked
-        self.autocast = x.device.type if x.device.type in ("cpu", "cuda") else None
+        self.autocast = x.device.type if x.device.type in _AUTOCAST_DEVICE_TYPES else None
         mode = self.mode = _validation.finite_mode()
         if mode is True or (mode is not False and not _validation.reads_values(mode, x)) or any(
                 t is not None and t.is_inference() for t in (V, u, lambda_l, s_values, s_indices, bias, layout)):
@@ -182,8 +181,10 @@ class _Call:
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.n_out)
 
     def _choose(self, x2, V, u, lambda_l, s_values, s_indices, bias, layout, training) -> tuple:
-        """(tokens, training, path, keep W'), kept for the next call unless the path was measured (a measured
-        choice depends on more than the shape: :func:`frod_kernels.autotune.measures`)."""
+        """(tokens, training, path, keep W'), kept for the next call where no choice is measured: under ``"auto"``
+        on a device whose choices can be, whether this call is measured depends on more than the shape
+        (deterministic mode, a CUDA graph being captured: :func:`frod_kernels.autotune.measures`), so it is asked
+        again each call."""
         b, dev = x2.shape[0], x2.device.type
         keep = training and cost_model.KEEP_MATERIALIZED_WEIGHT.get(dev, False)
         auto = registry.get_backend() == "auto"
@@ -195,7 +196,7 @@ class _Call:
             p = _measured_path(p, x2, V, u.t() if self.transposed else u, lambda_l, s_values,
                                self.layout(s_indices, layout), bias, training, keep)
         choice = (b, training, p, keep)
-        if not measured:
+        if not auto or dev not in MEASURED_DEVICE_TYPES:
             self.choice = choice
         return choice
 
@@ -216,10 +217,10 @@ class _Call:
 def _state(V, u, lambda_l, s_values, s_indices, bias, layout) -> tuple:
     """The trainable tensors' versions (what an optimizer step changes), then what a write or a ``.data`` swap of
     any argument changes: the frozen tensors' versions and every storage. One flat tuple, compared once per call."""
-    return (lambda_l._version, s_values._version, bias is not None and bias._version,
-            lambda_l.data_ptr(), s_values.data_ptr(), bias is not None and bias.data_ptr(),
+    return (lambda_l._version, s_values._version, None if bias is None else bias._version,
+            lambda_l.data_ptr(), s_values.data_ptr(), None if bias is None else bias.data_ptr(),
             V._version, V.data_ptr(), u._version, u.data_ptr(), s_indices._version, s_indices.data_ptr(),
-            layout is not None and layout._version, layout is not None and layout.data_ptr())
+            None if layout is None else layout._version, None if layout is None else layout.data_ptr())
 
 
 # where _state's entries that an optimizer step leaves alone begin
@@ -312,9 +313,12 @@ def _cached_dense_index(s_indices: Tensor, n: int) -> tuple[Tensor, Tensor]:
     return DERIVED.get(s_indices, ("dense-index", n), build)
 
 
+# autocast has no state for other device types (meta) and raises when asked
+_AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")
+
+
 def _autocast_on(device_type: str) -> bool:
-    # autocast has no state for other device types (meta) and raises when asked
-    return device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)
+    return device_type in _AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(device_type)
 
 
 def _measured_path(cost_model_path, x2, V, U, lambda_l, s_values, lay, bias, training, keep) -> int:

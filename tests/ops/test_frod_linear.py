@@ -280,3 +280,20 @@ def test_a_named_backend_after_auto_runs_its_kernels(monkeypatch):
     assert dense == [1]
     check_call(x, V, U, lam, s, si, b, torch.float64)
     assert dense == [1, 1]
+
+
+def test_a_kept_call_asks_again_whether_its_path_is_measured(monkeypatch):
+    # whether "auto" measures a call can change between calls with the same tensors (deterministic mode, a CUDA
+    # graph being captured): a kept call must not reuse the cost model's pick of a call that was not measured
+    from frod_kernels.ops import api
+
+    answers, measured = [False, True], []
+    monkeypatch.setattr(api, "MEASURED_DEVICE_TYPES", {"cpu"})
+    monkeypatch.setattr(api.autotune, "measures", lambda device: answers.pop(0))
+    monkeypatch.setattr(api, "_measured_path", lambda p, *a: measured.append(p) or p)
+    x, V, U, lam, s, si, b = random_problem(16, 12, 20, lead=(8,), dtype=torch.float64)
+    lam, s = leaf(lam), leaf(s)
+    check_call(x, V, U, lam, s, si, b, torch.float64)
+    assert measured == []
+    check_call(x, V, U, lam, s, si, b, torch.float64)
+    assert len(measured) == 1 and answers == []
