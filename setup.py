@@ -60,6 +60,8 @@ setup(
     long_description=open(os.path.join(os.path.dirname(__file__), "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["frod_kernels", "frod_kernels.*"]),
+    # the cpu backend's C source, compiled on first use (frod_kernels/backends/cpu.py)
+    package_data={"frod_kernels.backends": ["cpu_kernels.c"]},
     python_requires=">=3.11",
     # The floors are the oldest versions CI tests (.ci/run, the "oldest" row: the H200 machine's stack). Older ones
     # failed there: Triton < 3.4 lacks triton.knobs and 3.2's autotuner wants a driver even when interpreting; torch

@@ -192,7 +192,9 @@ def checks(*, finite: Union[str, bool]) -> Iterator[None]:
 
 
 def finite_mode() -> Union[str, bool]:
-    return getattr(_local, "finite", _global_finite)
+    # the thread's dict, not getattr with a default: that raises and catches an AttributeError per call outside a
+    # checks() block (0.7 µs, paid by every layer call)
+    return _local.__dict__.get("finite", _global_finite)
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:

@@ -26,8 +26,9 @@ column-major (shape (out, in), strides (1, out)): :class:`frod_kernels.FrodLinea
 it so, at no cost in memory, and no call copies it. The activations are produced feature-major by the GEMM itself
 (``z^T = V^T x^T``: cuBLAS writes the transpose for free) except where that GEMM is slow: MKL runs the skinny
 transposed product ``V^T x^T`` several times slower than ``x V`` for few tokens (measured on the project's CPU:
-38x at 8 tokens, in = 1024), so there ``z = x V`` is computed and the torch twin, the CPU's kernels, reads its
-transpose as it is (:data:`FEATURE_MAJOR_MIN_TOKENS`). Other kernels copy such an operand to contiguous rows.
+38x at 8 tokens, in = 1024), so there ``z = x V`` is computed and the CPU's kernels read its transpose as it is
+(:data:`FEATURE_MAJOR_MIN_TOKENS`): the C kernels through a tile copy, writing their result in the same layout, so
+the next product reads it contiguous. Other kernels copy such an operand to contiguous rows.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import torch
 
 from . import frozen_gemm
 from ._numerics import acc_dtype
+from .layout import inverse_order
 
 SPARSE, FACTORED, MATERIALIZED, DENSE = 0, 1, 2, 3
 PATH_NAMES = {SPARSE: "sparse", FACTORED: "factored", MATERIALIZED: "materialized", DENSE: "dense"}
@@ -158,7 +160,7 @@ def backward(g, x, saved, V, U, lambda_l, s_values, lay, path: int, need_x: bool
     if need_s:
         if ds_grouped.dtype != s_values.dtype:
             ds_grouped = ds_grouped.to(s_values.dtype)
-        ds = torch.empty_like(s_values).index_copy_(0, lay.row_perm, ds_grouped)
+        ds = ds_grouped.index_select(0, inverse_order(lay.row_perm))
     if need_lambda and dlam.dtype != lambda_l.dtype:
         dlam = dlam.to(lambda_l.dtype)
     return dx, (dlam if need_lambda else None), ds

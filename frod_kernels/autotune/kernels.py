@@ -27,6 +27,29 @@ from .measure import max_rel_err, measure
 from .state import Choice, device_name, fail, has_failed, lookup, not_measured, record
 
 TWIN = "torch"
+CPU_BACKEND = "cpu"
+# Most multiply-adds (nonzeros x the operand's columns, the tokens) of a call for which "auto" runs the C kernels on
+# the CPU, by the operand's layout; the twin above, whose CSR kernels MKL runs on every core. Measured on the
+# project's CPU (2 cores, float32, 1% density, both families): on token-major operands (what the engine hands over
+# below 64 tokens, and above where products are packed) the twin pays a transposed copy and the C kernels win up to
+# about a million (2x at in = 1024 and 8 tokens; even at 4096 and 8 tokens, 1.3 million); on feature-major ones the
+# twin reads rows as they are, and the C kernels win only up to about 100,000 (1.2-1.5x at 1024 and 8 tokens, 1.5x
+# slower at 16). The C kernels run on one thread: on a CPU with more cores the twin's side would gain.
+CPU_KERNEL_MAX_WORK_TOKEN_MAJOR = 1 << 20
+CPU_KERNEL_MAX_WORK_FEATURE_MAJOR = 1 << 17
+
+
+def small_on_cpu(c_kernel: Callable, twin: Callable) -> Callable:
+    """The CPU's rule, fixed rather than measured (a CPU's timings are too noisy to decide per call class): the C
+    kernel (:mod:`frod_kernels.backends.cpu`) up to the work above, else the twin. Both are deterministic and held
+    to the float64 reference by the tests, so no run-time verification."""
+    def kernel(A, *rest):
+        work = rest[-1].numel() * A.shape[1]  # both families take the group sources last
+        token_major = A.stride(0) == 1 and A.shape[1] > 1
+        limit = CPU_KERNEL_MAX_WORK_TOKEN_MAJOR if token_major else CPU_KERNEL_MAX_WORK_FEATURE_MAJOR
+        return (c_kernel if work <= limit else twin)(A, *rest)
+
+    return kernel
 
 
 def backend_key(op: str, args: Sequence[torch.Tensor]) -> tuple:
@@ -140,9 +163,13 @@ class AutoKernel:
 
 
 def auto_kernel(op: str, device_type: str) -> Callable:
-    """``"auto"``'s implementation of ``op`` on ``device_type``: the twin itself where only it can run (the CPU),
-    else an :class:`AutoKernel`."""
+    """``"auto"``'s implementation of ``op`` on ``device_type``: on the CPU, :func:`small_on_cpu` (or the twin
+    where the C kernels cannot run); elsewhere the twin itself where only it can run, else an :class:`AutoKernel`."""
     impls = registry.impls(op)
+    if device_type == "cpu" and device_type not in state.MEASURED_DEVICE_TYPES:
+        if CPU_BACKEND in impls and registry.unavailable_reason(CPU_BACKEND, "cpu") is None:
+            return small_on_cpu(impls[CPU_BACKEND], impls[TWIN])
+        return impls[TWIN]
     candidates = [TWIN]
     if device_type in state.MEASURED_DEVICE_TYPES:
         candidates = [b for b in registry.runnable(device_type) if b in impls]

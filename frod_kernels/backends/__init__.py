@@ -3,4 +3,4 @@
 import below. Triton and the compiled CUDA extension are optional: a backend that cannot run says why through its
 probe, and importing it never fails for that."""
 
-from . import cuda, pytorch, triton  # noqa: F401  (registration)
+from . import cpu, cuda, pytorch, triton  # noqa: F401  (registration)

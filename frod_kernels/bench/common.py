@@ -29,6 +29,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from .._numerics import dtype_name
+from ..backends.cpu import PROFILER_PREFIX
 from ..autotune import time_once
 
 
@@ -123,10 +124,13 @@ def measure_peak_memory(fn: Callable[[], object], device: torch.device) -> int:
 
 
 LAUNCH_NOTE = ("aten ops: every aten:: operator event torch.profiler records over one call, forward and backward "
-               "(each is a trip through the dispatcher); leaf aten ops: those with no aten:: event below them, the "
-               "CPU's count of launches (a composite that calls another aten op is not a leaf: aten::mm calling "
-               "aten::resolve_conj counts as its resolve_conj calls); CUDA kernels: kernel events on the GPU, "
-               "memcpy and memset excluded")
+               "(each is a trip through the dispatcher), counting as such the CPU's kernels outside aten (oneDNN's "
+               "packed products, mkldnn::, and the cpu backend's C kernels, frod_cpu::); leaf aten ops: those with "
+               "no such event below them, the CPU's count of launches (a composite that calls another aten op is "
+               "not a leaf: aten::mm calling aten::resolve_conj counts as its resolve_conj calls); CUDA kernels: "
+               "kernel events on the GPU, memcpy and memset excluded")
+# operator events: aten's, and the CPU kernels that run outside it (see LAUNCH_NOTE)
+_OPERATOR_PREFIXES = ("aten::", "mkldnn::", PROFILER_PREFIX)
 
 
 def count_ops(fn: Callable[[], object], device: torch.device) -> dict:
@@ -139,10 +143,11 @@ def count_ops(fn: Callable[[], object], device: torch.device) -> dict:
         fn()
         synchronize(device)
     events = prof.events()
-    aten = [e for e in events if e.name.startswith("aten::") and e.device_type == torch.autograd.DeviceType.CPU]
+    aten = [e for e in events
+            if e.name.startswith(_OPERATOR_PREFIXES) and e.device_type == torch.autograd.DeviceType.CPU]
 
     def has_aten_below(e) -> bool:
-        return any(c.name.startswith("aten::") or has_aten_below(c) for c in e.cpu_children)
+        return any(c.name.startswith(_OPERATOR_PREFIXES) or has_aten_below(c) for c in e.cpu_children)
 
     counts = {"aten_ops": len(aten), "leaf_aten_ops": sum(not has_aten_below(e) for e in aten)}
     if device.type == "cuda":

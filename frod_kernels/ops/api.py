@@ -100,12 +100,15 @@ class _Call:
     only their finite checks. Holds weak references only: it keeps no tensor alive."""
 
     __slots__ = ("device", "n_in", "n_out", "nnz", "transposed", "autocast", "mode", "refs", "u", "u_view", "state",
-                 "generation", "tuning", "index", "lay", "choice")
+                 "generation", "tuning", "index", "lay", "choice", "dtype")
 
     def __init__(self, x, V, u, transposed, lambda_l, s_values, s_indices, bias, layout) -> None:
         self.device, self.transposed = x.device, transposed
         self.n_in, self.n_out, self.nnz = V.shape[0], u.shape[1 if transposed else 0], s_values.shape[0]
         self.index = self.lay = self.choice = None
+        # the dtype the call runs in without casts: V's, where U and bias share it (a kept call's tensors keep
+        # theirs: a cast is another tensor, a .data swap another state)
+        self.dtype = V.dtype if u.dtype is V.dtype and (bias is None or bias.dtype is V.dtype) else None
         self.autocast = x.device.type if x.device.type in _AUTOCAST_DEVICE_TYPES else None
         mode = self.mode = _validation.finite_mode()
         if mode is True or (mode is not False and not _validation.reads_values(mode, x)) or any(
@@ -137,10 +140,10 @@ class _Call:
             if view is None or u._base is not view[0]() or u.shape != view[1] or u.stride() != view[2]:
                 return False
         try:
-            if not (x.dtype in FLOAT_DTYPE_SET and x.layout is torch.strided and x.dim() > 0
-                    and x.shape[-1] == self.n_in and x.device == self.device):
+            if not (x.dtype in FLOAT_DTYPE_SET and x.layout is torch.strided and x.shape[-1] == self.n_in
+                    and x.device == self.device):
                 return False
-        except (AttributeError, TypeError):  # x is no tensor: the full checks name it
+        except (AttributeError, TypeError, IndexError):  # no tensor, or no dims: the full checks name it
             return False
         if ((V.requires_grad or u.requires_grad) and torch.is_grad_enabled()
                 or registry.generation != self.generation or STATE.generation != self.tuning
@@ -157,14 +160,14 @@ class _Call:
         return True
 
     def run(self, x, V, u, lambda_l, s_values, s_indices, bias, layout, path: Optional[int]) -> Tensor:
-        x2 = x if x.dim() == 2 else x.reshape(-1, self.n_in)
+        flat = x.dim() == 2
+        x2 = x if flat else x.reshape(-1, self.n_in)
         autocast = self.autocast is not None and torch.is_autocast_enabled(self.autocast)
         if autocast:
             # the custom op's autocast rule, applied here; the call then runs with autocast off
             x2, V, u, bias = _autocast.cast((x2, V, u, bias), _CAST, self.autocast)
-        dtype = x2.dtype
-        if V.dtype is not dtype or u.dtype is not dtype or (bias is not None and bias.dtype is not dtype):
-            V, u, bias = _in_dtype(dtype, V, u, bias)
+        if x2.dtype is not self.dtype:
+            V, u, bias = _in_dtype(x2.dtype, V, u, bias)
         training = _training(x, lambda_l, s_values, bias)
         if path is not None:
             p, keep = path, training and cost_model.KEEP_MATERIALIZED_WEIGHT.get(x2.device.type, False)
@@ -178,7 +181,7 @@ class _Call:
                 y = self._apply(p, keep, x2, V, u, lambda_l, s_values, s_indices, bias, layout)
         else:
             y = self._apply(p, keep, x2, V, u, lambda_l, s_values, s_indices, bias, layout)
-        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.n_out)
+        return y if flat else y.reshape(*x.shape[:-1], self.n_out)
 
     def _choose(self, x2, V, u, lambda_l, s_values, s_indices, bias, layout, training) -> tuple:
         """(tokens, training, path, keep W'), kept for the next call where no choice is measured: under ``"auto"``

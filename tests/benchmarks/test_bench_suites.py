@@ -78,7 +78,9 @@ def test_kernels_suite_checks_each_op_against_float64():
     timed = [r for r in rows if not r.get("skipped")]
     assert {(r["op"], r["n"], r["m"], r["layout"]) for r in timed} == {
         (op, n, m, layout) for n, m, layout in TINY.kernel_cases for op in kernels.OPS}
-    assert {r["backend"] for r in timed} == {"torch"}
+    # the C kernels where this machine built them (their probe says why not otherwise)
+    c_kernels = {"cpu"} if registry.unavailable_reason("cpu", "cpu") is None else set()
+    assert {r["backend"] for r in timed} == {"torch"} | c_kernels
     for r in timed:
         assert r["ok"] and 0 <= r["rel_err"] <= r["tolerance"] == TOLERANCE[torch.float32], r
         assert r["bytes_per_s"] == pytest.approx(r["bytes"] / (r["median_ms"] * 1e-3))

@@ -37,6 +37,9 @@ class Harness:
         monkeypatch.setattr(autotune.state, "MEASURED_DEVICE_TYPES", {"cpu"})
         # a stand-in cuda backend that runs on the CPU, in the real one's place in the order
         registry.register_backend("cuda", lambda device_type: None, preference=20)
+        # the C kernels run on the CPU only, so on a measured device (a GPU) they are never a candidate
+        registry.register_backend("cpu", lambda device_type: "not a candidate where devices are measured",
+                                  preference=-10)
         for op, twin in (("row_gather_diag", torch_backend.row_gather_diag),
                          ("sampled_dot_diag", torch_backend.sampled_dot_diag)):
             self.kernel("cuda", twin, op)
