@@ -34,7 +34,7 @@ import torch
 
 from .. import registry
 from . import state
-from .kernels import TWIN, auto_kernel, backend_key, show
+from .kernels import CPU_BACKEND, TWIN, auto_kernel, backend_key, show
 from .measure import set_timer, time_once
 from .paths import chosen, path_key, pick_path
 from .state import (
@@ -62,6 +62,11 @@ def explain() -> str:
         runnable = registry.runnable(device.type) if device.type in state.MEASURED_DEVICE_TYPES else [TWIN]
         if reason is None:
             lines.append(f"{device.type}: measured per shape class among {runnable}")
+        elif device.type == "cpu":
+            c_reason = registry.unavailable_reason(CPU_BACKEND, "cpu")
+            kernels = ("the cpu backend's C kernels on small calls, else torch" if c_reason is None
+                       else f"torch (the cpu backend cannot run: {c_reason})")
+            lines.append(f"cpu: {reason}: {kernels} for kernels, the cost model for paths")
         else:
             lines.append(f"{device.type}: {reason}: {' > '.join(runnable)} for kernels, each verified against the "
                          "torch twin before it runs, the cost model for paths")

@@ -1,9 +1,10 @@
 """Layer suite: forward+backward of one adapted linear layer, method by method on the same weights and data.
 
-Methods: ``frod_linear`` under each backend that can run here, PEFT's FRoD layer (whose V, U, lambda_l, s_values
-and s_indices ``frod_linear`` uses), PEFT LoRA r=32 on the same base layer, and the frozen ``nn.Linear`` (forward,
-and backward to the input only). Every method computes the gradient of ``x`` (as a layer inside a trained stack
-must) and of its trainable parameters, through ``torch.autograd.grad`` so nothing accumulates between calls.
+Methods: ``frod_linear`` under each backend that can run here (and, on the CPU, under ``"auto"``), PEFT's FRoD
+layer (whose V, U, lambda_l, s_values and s_indices ``frod_linear`` uses), PEFT LoRA r=32 on the same base layer,
+and the frozen ``nn.Linear`` (forward, and backward to the input only). Every method computes the gradient of
+``x`` (as a layer inside a trained stack must) and of its trainable parameters, through ``torch.autograd.grad`` so
+nothing accumulates between calls.
 
 PEFT's layer is built with :func:`~frod_kernels.bench.peft_models.fast_projections` (a random orthogonal ``V``):
 the time of a forward+backward does not depend on V's values, and PEFT's own setup, timed by the init suite, takes
@@ -57,9 +58,16 @@ def timed_backends(device: torch.device) -> list[str]:
     return [b for b, why in backend_plan(device).items() if why is None]
 
 
+def layer_backends(device: torch.device) -> list[str]:
+    """The backends the suite times ``frod_linear`` under: every one that runs here and, on the CPU, ``"auto"``
+    first, the default, which there runs the C kernels on small calls and the twin on large ones (a mix no named
+    backend shows). On a GPU ``"auto"`` takes the fastest backend per call class, which the named rows show."""
+    return (["auto"] if device.type == "cpu" else []) + timed_backends(device)
+
+
 def n_steps(sizes: Sizes, device: torch.device) -> int:
     per_backend = 1 + (len(engine.PATH_NAMES) if sizes.all_paths else 0)
-    return len(sizes.layer_shapes) * len(sizes.layer_tokens) * (3 + per_backend * len(timed_backends(device)))
+    return len(sizes.layer_shapes) * len(sizes.layer_tokens) * (3 + per_backend * len(layer_backends(device)))
 
 
 def _methods(base: nn.Linear, device: torch.device, dtype: torch.dtype, backends: list[str], all_paths: bool):
@@ -100,16 +108,18 @@ def _methods(base: nn.Linear, device: torch.device, dtype: torch.dtype, backends
 
     nnz = idx.shape[1]
 
-    def path(tokens):
-        # what the step ran: auto's measured choice where it measured one, else the cost model's among the kernel
-        # paths (each method names its backend, which rules the dense path out)
-        key = autotune.path_key(tokens, V.shape[0], U.shape[0], nnz, dtype, device, True)
-        return autotune.chosen(key) or engine.PATH_NAMES[
-            cost_model.choose_path(tokens, V.shape[0], U.shape[0], nnz, device.type, True, kernels_only=True)]
+    def path(backend):
+        def chosen(tokens):
+            # what the step ran: auto's measured choice where it measured one, else the cost model's (among the
+            # kernel paths where a backend is named, which rules the dense path out)
+            key = autotune.path_key(tokens, V.shape[0], U.shape[0], nnz, dtype, device, True)
+            return autotune.chosen(key) or engine.PATH_NAMES[cost_model.choose_path(
+                tokens, V.shape[0], U.shape[0], nnz, device.type, True, kernels_only=backend != "auto")]
+        return chosen
 
     methods = []
     for b in backends:
-        methods.append((frod_method(b), path, frod(b)))
+        methods.append((frod_method(b), path(b), frod(b)))
         if all_paths:
             methods += [(frod_method(b, p), lambda tokens, p=p: p, frod(b, p)) for p in engine.PATH_NAMES.values()]
     methods += [(PEFT_FROD, None, peft_frod), (LORA, None, lora), (LINEAR, None, linear)]
@@ -120,7 +130,7 @@ def run(sizes: Sizes, device: torch.device, peak_tflops: float | None, progress,
         gpu: "roofline.GPU | None" = None) -> list[dict]:
     """The suite's rows; with ``gpu`` (the device's measured peaks), each row also gets its roofline floor."""
     dtype, rows = sizes.dtype, []
-    backends = timed_backends(device)
+    backends = layer_backends(device)
     for n_in, n_out in sizes.layer_shapes:
         torch.manual_seed(n_in * 7919 + n_out)
         with torch.device("cpu"):

@@ -254,8 +254,11 @@ def targets(results: dict) -> list[str]:
         return [r for r in layer if (r["n_in"], r["n_out"], r["dtype"], r["tokens"]) == (n_in, n_out, dtype, tokens)
                 and r.get("median_ms")]
 
-    def frod_rows(g):  # the cost model's choice per backend, not the forced-path rows
-        return [r for r in g if r["method"].startswith("frod_linear [") and "/" not in r["method"]]
+    def frod_rows(g):
+        # the default ("auto", timed on the CPU) where the run has it, else the cost model's choice per backend;
+        # never the forced-path rows
+        rows = [r for r in g if r["method"].startswith("frod_linear [") and "/" not in r["method"]]
+        return [r for r in rows if r["method"] == "frod_linear [auto]"] or rows
 
     out = []
     if not on_gpu:

@@ -236,6 +236,11 @@ def test_targets_read_off_the_results():
     assert lines[2].startswith("MISSED") and "8 tokens" in lines[2] and ">= 5x" in lines[2]
     results["suites"]["layer"][2]["speedup_vs_peft_frod"] = 5.0
     assert targets(results)[2].startswith("met")
+    # where a run timed "auto" (the default; the CPU's layer suite does), that row alone is judged
+    results["suites"]["layer"].append(row("frod_linear [auto]", 8, 6.0, 4.0, 4.5))
+    lines = targets(results)
+    assert len(lines) == 3 and "[torch]" in lines[0] and "[torch]" not in lines[2]
+    assert lines[2].startswith("MISSED") and "frod_linear [auto]" in lines[2] and "4.00x" in lines[2]
 
     def train(hidden, layers):
         common = {"hidden_size": hidden, "num_hidden_layers": layers, "dtype": "bfloat16"}
