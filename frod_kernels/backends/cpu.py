@@ -89,7 +89,8 @@ def _probe(device_type: str) -> Optional[str]:
     return load()[1]
 
 
-# below the torch twin where nothing is measured (a named choice or "auto"'s few-token rule picks it)
+# below the torch twin in the fixed order: a backend named by the user, or "auto"'s rule for small calls on the CPU
+# (frod_kernels.autotune.kernels.small_on_cpu), runs it
 register_backend("cpu", _probe, preference=-10)
 
 
@@ -110,7 +111,7 @@ def _vector(name: str, t: torch.Tensor, length: Optional[int], dtype: torch.dtyp
 def _groups(ptr: torch.Tensor, src: torch.Tensor, n: int, op: str) -> tuple[torch.Tensor, torch.Tensor]:
     for name, t in (("ptr", ptr), ("src", src)):
         if t.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"{op}: {name}: expected int64, got {t.dtype}")
+            raise TypeError(f"{op}: {name}: expected int64 (or int32), got {t.dtype}")
     return _vector("ptr", ptr, n + 1, torch.int64, op), _vector("src", src, None, torch.int64, op)
 
 

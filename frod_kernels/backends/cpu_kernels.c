@@ -97,7 +97,7 @@ int frod_sampled_dot_diag_##SUFFIX(int64_t n, int64_t m, const T *P, int64_t p0,
         load_tile_##SUFFIX(sp, P, n, p0, p1, j0, jn);                                                               \
         load_tile_##SUFFIX(sq, Q, n, q0, q1, j0, jn);                                                               \
         for (int64_t r = 0; r < n; ++r) {                                                                           \
-            const T *pr = sp + r * TILE;                                                       \
+            const T *pr = sp + r * TILE;                                                                            \
             diag[r] += dot_tile_##SUFFIX(pr, sq + r * TILE);                                                        \
             for (int64_t k = ptr[r]; k < ptr[r + 1]; ++k) vals[k] += dot_tile_##SUFFIX(pr, sq + src[k] * TILE);     \
         }                                                                                                           \

@@ -1,7 +1,7 @@
 """What is the ``cpu`` backend's own (``frod_kernels/backends/cpu.py``, C kernels built on first use): the layouts
 it reads and writes, its errors on bad groupings, determinism and threads, its build's failures, and the rule by
-which ``"auto"`` runs it on the CPU (small calls). Both families are also held to float64 on every case and dtype with the other
-backends in tests/ops/."""
+which ``"auto"`` runs it on the CPU (small calls). Both families are also held to float64 on every case and dtype
+with the other backends in tests/ops/."""
 
 import threading
 
