@@ -1,4 +1,4 @@
-"""What ``"auto"`` runs for a kernel-family call where more than the torch twin could run (a GPU).
+"""What ``"auto"`` runs for a kernel-family call where more than the torch twin could run.
 
 * Measured (the default on a GPU): the first call of each shape class times every backend that can run, each
   after it reproduced the torch twin's result, and keeps the fastest (:mod:`.measure`).
@@ -7,6 +7,7 @@
   matched the twin on that shape class: the first call of a class runs both and compares. A verification is
   remembered like a measured choice (in the process and in the cache file), so it costs one extra call per class.
   During a CUDA graph capture nothing can be verified (comparing needs a sync): an unverified class runs the twin.
+* The CPU: never measured; a fixed rule by the size of the call (:func:`small_on_cpu`).
 
 A kernel that computes a wrong result (while measured or verified) or raises after it was chosen is a failure:
 warned once, never run again for that op on that device type in this process, and the call runs on the twin.
@@ -45,18 +46,23 @@ def small_on_cpu(c_kernel: Callable, twin: Callable) -> Callable:
     to the float64 reference by the tests, so no run-time verification."""
     def kernel(A, *rest):
         work = rest[-1].numel() * A.shape[1]  # both families take the group sources last
-        token_major = A.stride(0) == 1 and A.shape[1] > 1
-        limit = CPU_KERNEL_MAX_WORK_TOKEN_MAJOR if token_major else CPU_KERNEL_MAX_WORK_FEATURE_MAJOR
+        limit = CPU_KERNEL_MAX_WORK_TOKEN_MAJOR if _token_major(A) else CPU_KERNEL_MAX_WORK_FEATURE_MAJOR
         return (c_kernel if work <= limit else twin)(A, *rest)
 
     return kernel
+
+
+def _token_major(A: torch.Tensor) -> bool:
+    """Whether a family's operand (n x m) has contiguous columns, one per token: the transpose of a token-major
+    product (the "cols" layout class of :func:`backend_key`)."""
+    return A.stride(0) == 1 and A.stride(1) != 1
 
 
 def backend_key(op: str, args: Sequence[torch.Tensor]) -> tuple:
     """Shape class of a kernel-family call: both ops take a 2-D operand first and the group sources last."""
     A, src = args[0], args[-1]
     n, m = A.shape
-    layout = "cols" if A.stride(0) == 1 and A.stride(1) != 1 else "rows"
+    layout = "cols" if _token_major(A) else "rows"
     per_row = -(-src.numel() // max(n, 1))
     return ("backend", op, device_name(A.device), dtype_name(A.dtype), layout, bucket(n), bucket(m),
             bucket(per_row))

@@ -10,8 +10,10 @@ thread, so the twin's parallel kernels win on large calls; ``"auto"`` uses these
 
 Built once per process on first use by the system's C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``; well
 under a second), from a source with no torch headers, so no torch version or build isolation is involved, and
-loaded with ctypes, which releases the GIL during a call. Where no compiler is found, or the build or load fails,
-the probe says why and the torch twin runs. ``FROD_CPU_KERNELS=0`` turns the backend off.
+loaded with ctypes, which releases the GIL during a call. The probe then runs both families once on a small
+problem against plain torch arithmetic (the kernels meet the user's compiler, not CI's). Where no compiler is
+found, the build or load fails, or the kernels disagree, the probe says why and the torch twin runs.
+``FROD_CPU_KERNELS=0`` turns the backend off.
 """
 
 from __future__ import annotations
@@ -80,7 +82,40 @@ def load() -> "tuple[Optional[dict], Optional[str]]":
             fn = getattr(lib, f"frod_{op}_{suffix}")
             fn.argtypes, fn.restype = argtypes, ctypes.c_int
             fns[op, dtype] = fn
+    wrong = _disagreement(fns)
+    if wrong is not None:
+        return None, f"the C kernels built by {cc[0]} disagree with plain torch arithmetic: {wrong}"
     return fns, None
+
+
+def _disagreement(fns: dict) -> Optional[str]:
+    """None if the built kernels compute both families as plain torch ops do on a small problem (two tiles of
+    tokens, a token-major operand: the paths a call takes), else what differs. The kernels meet the user's compiler,
+    not CI's, so the probe tries them once per process, as :func:`frod_kernels.frozen_gemm.available` does."""
+    g = torch.Generator().manual_seed(0)
+    n, m = 6, 11
+    ptr, src = torch.tensor([0, 2, 2, 3, 5, 5, 6]), torch.tensor([1, 4, 0, 2, 5, 3])
+    rows = torch.repeat_interleave(torch.arange(n), ptr.diff())
+    for dtype in _SUFFIX:
+        A = torch.randn(m, n, generator=g, dtype=dtype).t()  # token-major, as the engine hands it over
+        Q = torch.randn(n, m, generator=g, dtype=dtype)
+        d, w = torch.randn(n, generator=g, dtype=dtype), torch.randn(src.numel(), generator=g, dtype=dtype)
+        out, vals, diag = torch.empty(m, n, dtype=dtype).t(), torch.empty(src.numel(), dtype=dtype), \
+            torch.empty(n, dtype=dtype)
+        errs = (fns["row_gather_diag", dtype](n, m, A.data_ptr(), *A.stride(), d.data_ptr(), w.data_ptr(),
+                                              src.numel(), ptr.data_ptr(), src.data_ptr(), out.data_ptr(),
+                                              *out.stride()),
+                fns["sampled_dot_diag", dtype](n, m, A.data_ptr(), *A.stride(), Q.data_ptr(), *Q.stride(),
+                                               src.numel(), ptr.data_ptr(), src.data_ptr(), vals.data_ptr(),
+                                               diag.data_ptr()))
+        if any(errs):
+            return f"{dtype}: error codes {errs} on a valid grouping"
+        want = (d[:, None] * A).index_add(0, rows, w[:, None] * A[src]), (A[rows] * Q[src]).sum(1), (A * Q).sum(1)
+        for name, got, ref in zip(("row_gather_diag", "sampled_dot_diag values", "sampled_dot_diag diagonal"),
+                                  (out, vals, diag), want):
+            if not torch.allclose(got, ref, rtol=1e-4, atol=1e-5):
+                return f"{name} in {dtype}, largest difference {float((got - ref).abs().max()):.2e}"
+    return None
 
 
 def _probe(device_type: str) -> Optional[str]:

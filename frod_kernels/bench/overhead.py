@@ -45,7 +45,8 @@ def frod_linear_method(path: str) -> str:
     return f"frod_linear [path={path}]"
 
 
-METHODS = (LINEAR, LORA, PEFT_FROD, ACCELERATED, FROD_LINEAR, *(frod_linear_method(p) for p in engine.PATH_NAMES.values()))
+METHODS = (LINEAR, LORA, PEFT_FROD, ACCELERATED, FROD_LINEAR,
+           *(frod_linear_method(p) for p in engine.PATH_NAMES.values()))
 
 
 def n_steps(sizes: Sizes, device: torch.device) -> int:

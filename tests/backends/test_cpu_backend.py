@@ -3,6 +3,7 @@ it reads and writes, its errors on bad groupings, determinism and threads, its b
 which ``"auto"`` runs it on the CPU (small calls). Both families are also held to float64 on every case and dtype
 with the other backends in tests/ops/."""
 
+import re
 import threading
 
 import pytest
@@ -111,18 +112,28 @@ def test_the_build_says_why_it_cannot_run(monkeypatch, tmp_path):
     bad = tmp_path / "cc"
     bad.write_text("#!/bin/sh\necho 'no such compiler here' >&2\nexit 3\n")
     bad.chmod(0o755)
-    cases = [({"FROD_CPU_KERNELS": "0"}, "turned off by FROD_CPU_KERNELS=0"),
-             ({"CC": str(tmp_path / "missing-cc")}, "did not run"),
-             ({"CC": str(bad)}, "did not compile .*exit status 3.*no such compiler here")]
+    # a build that computes something else (as a miscompile would): the probe tries the kernels before use
+    wrong = tmp_path / "wrong.c"
+    source = open(cpu.SOURCE).read()
+    assert "acc[j] += wk * row[j]" in source
+    wrong.write_text(source.replace("acc[j] += wk * row[j]", "acc[j] -= wk * row[j]"))
+    cases = [({"FROD_CPU_KERNELS": "0"}, None, "turned off by FROD_CPU_KERNELS=0"),
+             ({"CC": str(tmp_path / "missing-cc")}, None, "did not run"),
+             ({"CC": str(bad)}, None, "did not compile .*exit status 3.*no such compiler here"),
+             ({}, str(wrong), "disagree with plain torch arithmetic: row_gather_diag in torch.float32")]
     try:
-        for env, why in cases:
+        for env, source_path, why in cases:
+            if source_path is not None and REASON is not None:
+                continue  # no compiler here to build the wrong source with
             cpu.load.cache_clear()
             with monkeypatch.context() as m:
                 for k, v in env.items():
                     m.setenv(k, v)
+                if source_path is not None:
+                    m.setattr(cpu, "SOURCE", source_path)
                 fns, reason = cpu.load()
             assert fns is None and reason is not None
-            assert __import__("re").search(why, reason), reason
+            assert re.search(why, reason), reason
     finally:
         cpu.load.cache_clear()  # the next use builds again with the real compiler
 
